@@ -43,6 +43,9 @@ def test_run_records_metrics_and_same_config_gives_same_numbers(jsonl_data, tmp_
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["before"]["eval_loss"] == rows_a[0]["eval_loss"]
     assert summary["after"]["eval_loss"] == rows_a[-1]["eval_loss"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    assert summary["trainable_params"] == summary["model_params"]  # FedAvg trains everything
+    assert summary["trainable_params"] == sum(t.numel() for t in a.values())
     assert (tmp_path / "a" / "config.yaml").is_file()
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")

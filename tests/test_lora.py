@@ -436,3 +436,8 @@ def test_engine_run_on_tiny_classifier_sends_the_head(tmp_path):
     saved = load_file(tmp_path / "cls" / "model.safetensors")
     assert any("classifier.modules_to_save" in k for k in saved)
     assert all(".lora_" in k or "classifier" in k for k in saved)
+    import json
+
+    summary = json.loads((tmp_path / "cls" / "summary.json").read_text())
+    assert summary["trainable_params"] == sum(t.numel() for t in saved.values())
+    assert summary["model_params"] > 10 * summary["trainable_params"]

@@ -142,6 +142,7 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
     last_sync: dict[int, int] = {}  # client -> the global round its model was last synced to
     evaluator_round: int | None = 0  # the global round the evaluator's model was synced to
     start = 0
+    n_params = sum(p.numel() for p in trainable_parameters(model).values())
     ckpt = log.load_checkpoint() if resume else None
     if resume and ckpt is None:
         out.line(f"no checkpoint in {run_dir}; starting from round 0")
@@ -158,7 +159,6 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         out.line(f"resumed {run_dir} at round {start}/{cfg.federation.rounds}")
     else:
         save_config(cfg, log.dir / "config.yaml")
-        n_params = sum(p.numel() for p in trainable_parameters(model).values())
         out.line(f"fedtune: {cfg.method.name} on {cfg.data.source} with {cfg.model.source}, "
                  f"{len(exp.clients)} clients, {cfg.federation.rounds} rounds, "
                  f"{n_params:,} trainable parameters -> {run_dir}")
@@ -229,6 +229,8 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()},
                   str(log.dir / "model.safetensors"))
     summary = summarise(cfg, rows, time.perf_counter() - t_start)
+    summary["trainable_params"] = n_params
+    summary["model_params"] = sum(p.numel() for p in model.parameters())
     log.write_summary(summary)
     if out.enabled:
         print(summary_table(rows), file=sys.stdout)
