@@ -196,8 +196,8 @@ def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> 
     n = max(len(r) for r in runs.values())
     lines = ["## Instruction tuning: SmolLM2-135M on the Natural Instructions subset", "",
              f"Command: `{ins['command']}`  ", _machine_line(ins["machine"]) + "  ",
-             f"Settings (those of `bench_ferret.py --part accuracy`): "
-             f"`{_settings(ins['common'])}`  ",
+             (f"Settings (those of `bench_ferret.py --part accuracy`): "
+              f"`{_settings(ins['common'])}`  "),
              "LoRA methods: " + "; ".join(f"{k}: `{_settings(v)}`"
                                           for k, v in ins["methods"].items()) + ".  ",
              ("Rows marked ferret.json are the full-parameter runs of `benchmarks/ferret.json` "
