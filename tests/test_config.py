@@ -28,6 +28,17 @@ def test_overrides_are_typed_and_reach_method_options(tmp_path):
     assert cfg.method_config().wire_dtype == "bfloat16"
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a float field takes it as the number it means.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\nmethod:\n  name: fedkseed\n  eta: 5E-6\n")
+    cfg = load_config(path, ["train.max_grad_norm=2e+1"])
+    assert cfg.train.lr == 0.001 and cfg.method_config().eta == 5e-6
+    assert cfg.train.max_grad_norm == 20.0
+    with pytest.raises(ConfigError, match="'1e-3x' is not a number"):
+        load_config(None, ["train.lr=1e-3x"])
+
+
 def test_yaml_file_with_method_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("federation:\n  rounds: 2\nmethod:\n  name: fedavg\n  wire_dtype: float16\n")
