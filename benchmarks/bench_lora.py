@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["hetero", "instruct"])
     p.add_argument("--render", action="store_true", help="only rewrite lora.md from lora.json")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5, 1.0, 10.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--fraction", type=float, default=0.5, help="clients sampled per round")
     p.add_argument("--rounds", type=int, default=20)

@@ -30,6 +30,11 @@ class ModelConfig:
     path: str | None = None
     """Folder of a Hugging Face model (source = hf)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """How a sequence classifier turns token states into one vector: cls (BERT's pooler on the
+    first token), mean (mean over the non-padding tokens), auto (what the encoder was trained
+    with: its sentence-transformers ``1_Pooling/config.json`` if it has one, else cls; mean for
+    MiniLM)."""
     cache_dir: str = "~/.cache/fedtune"
     """Where the GGUF model is cached as safetensors."""
     tiny_layers: int = 2
