@@ -413,7 +413,8 @@ def test_engine_run_on_tiny_causal_lm(name, jsonl_data, tmp_path):
     assert rows[1]["bytes_up_per_client"] > 4 * 2 * 4 * (64 + 48)
 
 
-def test_engine_run_on_tiny_classifier_sends_the_head(tmp_path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_engine_run_on_tiny_classifier_sends_the_head(pooling, tmp_path):
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
 
@@ -423,7 +424,7 @@ def test_engine_run_on_tiny_classifier_sends_the_head(tmp_path):
                  "partition.alpha": 0.5, "federation.rounds": 2, "train.local_steps": 2,
                  "train.batch_size": 8, "train.lr": 0.01, "train.optimizer": "adamw",
                  "eval.max_examples": 32, "output.dir": str(tmp_path / "runs"),
-                 "method.name": "federa", "method.rank": 4}
+                 "method.name": "federa", "method.rank": 4, "model.pooling": pooling}
     try:
         cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
         rows = run(cfg, tmp_path / "cls", progress=False)
