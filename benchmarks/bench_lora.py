@@ -149,9 +149,17 @@ def render_hetero(h: dict[str, Any], notes: str) -> list[str]:
         lines += [f"### alpha = {alpha}", "",
                   (f"Client sizes {res['client_sizes']}; fraction 'fresh' per client "
                    f"{res['fraction_fresh']}; {res['test_examples']} held-out examples."), "",
-                  "| round | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+                  ("'fresh share': the fraction of 'fresh' labels among the examples of the "
+                   "round's sampled clients (the weights of that round's average)."), "",
+                  "| round | fresh share | " + " | ".join(labels) + " |",
+                  "|---" * (len(labels) + 2) + "|"]
         for i, row in enumerate(runs[labels[0]]["rows"]):
-            lines.append(f"| {row['round']} | " + " | ".join(
+            share = "-"
+            if row.get("clients"):
+                n = [res["client_sizes"][c] for c in row["clients"]]
+                fresh = [res["fraction_fresh"][c] for c in row["clients"]]
+                share = f"{sum(a * b for a, b in zip(n, fresh)) / sum(n):.2f}"
+            lines.append(f"| {row['round']} | {share} | " + " | ".join(
                 f"{runs[lb]['rows'][i]['accuracy']:.3f}" for lb in labels) + " |")
         lines.append("")
     alphas = list(h["alphas"])
