@@ -199,6 +199,11 @@ def render_hetero(h: dict[str, Any], notes: str) -> list[str]:
     return lines + ["", notes, ""] if notes else lines + [""]
 
 
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean over the trained rounds (Ferret's and FedKSeed's downloads vary by round)."""
+    return sum(r[key] for r in rows[1:]) / (len(rows) - 1)
+
+
 def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> list[str]:
     runs = {lb: v["rows"] for lb, v in ins["runs"].items()}
     for key, lb in FERRET_ROWS.items():
@@ -216,7 +221,8 @@ def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> 
               "settings are in ferret.md). Rouge-L: F-measure of `rouge-score` on greedy "
               "generations."), "",
              "| method | " + " | ".join(f"r{i}" for i in range(n))
-             + " | Rouge-L before | Rouge-L after | trainable params | bytes up | bytes down |",
+             + " | Rouge-L before | Rouge-L after | trainable params | bytes up | bytes down"
+             " (mean per client and round) |",
              "|---" * (n + 6) + "|"]
     for lb, rows in runs.items():
         params = ins["runs"][lb]["trainable_params"] if lb in ins["runs"] else None
@@ -225,7 +231,8 @@ def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> 
             + f" | {rows[0].get('rouge_l', float('nan')):.4f} | "
             f"{rows[-1].get('rouge_l', float('nan')):.4f} | "
             + (f"{params:,}" if params else "all") + " | "
-            f"{rows[1]['bytes_up_per_client']:,.0f} | {rows[1]['bytes_down_per_client']:,.0f} |")
+            f"{_mean(rows, 'bytes_up_per_client'):,.0f} | "
+            f"{_mean(rows, 'bytes_down_per_client'):,.0f} |")
     return lines + ["", notes, ""] if notes else lines + [""]
 
 

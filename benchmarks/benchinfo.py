@@ -31,7 +31,7 @@ def git_commit() -> str:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "src", "benchmarks")
+    dirty = git("status", "--porcelain", "--", "src", "benchmarks/*.py")  # not the results
     return commit + (" (+ uncommitted changes)" if dirty else "")
 
 
