@@ -236,10 +236,10 @@ def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> 
     return lines + ["", notes, ""] if notes else lines + [""]
 
 
-def render(results: dict[str, Any]) -> str:
+def render(results: dict[str, Any], json_name: str = "lora.json") -> str:
     lines = ["# FeDeRA and FedIT against full-parameter methods", "",
              ("Written by `benchmarks/bench_lora.py` through the in-process engine (the code path "
-              "of `fedtune run`); raw numbers in `benchmarks/lora.json`. Every method sees the "
+              f"of `fedtune run`); raw numbers in `benchmarks/{json_name}`. Every method sees the "
               "same partition, the same sampled clients per round and the same batches."), ""]
     if "hetero" in results:
         lines += render_hetero(results["hetero"], results.get("notes", {}).get("hetero", ""))
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     elif "hetero" in results:
         results["hetero"]["targets"] = args.targets
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    args.md.write_text(render(results))
+    args.md.write_text(render(results, args.json.name))
     print(f"wrote {args.md}")
 
 
