@@ -12,7 +12,7 @@ from transformers import BertConfig
 from fedtune.config import ConfigError, load_config
 from fedtune.methods import lora
 from fedtune.methods.base import trainable_parameters
-from fedtune.models import _mean_pooling_class, pooling_of, tiny_model
+from fedtune.models import _classifier_class, _mean_pooling_class, pooling_of, tiny_model
 
 VOCAB = 128
 
@@ -103,3 +103,13 @@ def test_pooling_config_is_validated_and_reaches_tiny_models():
     cfg = load_config(None, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
                              "data.task=classification"])
     assert type(tiny_model(cfg)).__name__ == "BertForSequenceClassification"
+
+
+def test_mean_pooling_refuses_a_non_bert_encoder(tmp_path):
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="BERT-family encoders only"):
+        _classifier_class(tmp_path, "mean")
+    assert _classifier_class(tmp_path, "auto").__name__ == "AutoModelForSequenceClassification"

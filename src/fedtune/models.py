@@ -185,11 +185,11 @@ def _mean_pooling_class():
 
 
 def _classifier_class(folder: Path | None, pooling: str):
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if pooling_of(folder, pooling) == "cls":
         return AutoModelForSequenceClassification
-    if folder is not None and BertConfig.from_pretrained(folder).model_type != "bert":
+    if folder is not None and AutoConfig.from_pretrained(folder).model_type != "bert":
         raise ValueError("model.pooling=mean is implemented for BERT-family encoders only")
     return _mean_pooling_class()
 
