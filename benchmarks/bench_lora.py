@@ -30,8 +30,8 @@ import torch
 from bench_ferret import COMMON as FERRET_COMMON
 from benchinfo import environment
 
-from fedtune import experiment as ex
-from fedtune.config import load_config
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.data import load_dataset, partition
 from fedtune.engines.inprocess import run
 
 HERE = Path(__file__).resolve().parent
@@ -56,8 +56,12 @@ FERRET_ROWS = {"fedavg": "FedAvg (full, ferret.json)", "fedkseed": "FedKSeed (fe
                "ferret-k2048-rademacher": "Ferret K=2048 Rademacher (ferret.json)"}
 
 
+def config(overrides: dict[str, Any]) -> ExperimentConfig:
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
 def run_method(overrides: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = config(overrides)
     t0 = time.perf_counter()
     rows = run(cfg, workdir / name, progress=False)
     wall = time.perf_counter() - t0
@@ -92,10 +96,12 @@ def hetero(args, workdir: Path, save) -> dict[str, Any]:
     out: dict[str, Any] = {"common": common, "methods": HETERO_METHODS, "alphas": {}}
     for alpha in args.alphas:
         base = {**common, "partition.alpha": alpha}
-        exp = ex.setup(load_config(None, [f"{k}={v}" for k, v in base.items()]))
-        sizes = [len(c) for c in exp.clients]
-        fresh = [round(sum(e["label"] for e in c.examples) / len(c), 2) for c in exp.clients]
-        n_test = len(exp.test)
+        cfg = config(base)
+        data = load_dataset(cfg)  # the split and partition the engine builds, not encoded
+        parts = partition(data.train, cfg)
+        sizes = [len(p) for p in parts]
+        fresh = [round(sum(data.train[i]["label"] for i in p) / len(p), 2) for p in parts]
+        n_test = min(len(data.test), cfg.eval.max_examples)
         print(f"alpha={alpha}: client sizes {sizes}, fraction fresh {fresh}", flush=True)
         res: dict[str, Any] = {"client_sizes": sizes, "fraction_fresh": fresh,
                                "test_examples": n_test, "methods": {}}
@@ -134,6 +140,11 @@ def _time_to(rows: list[dict[str, Any]], target: float) -> str:
         if row["accuracy"] >= target:
             return f"{clock:.0f} s (round {row['round']})"
     return "not reached"
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean over the trained rounds (Ferret's and FedKSeed's downloads vary by round)."""
+    return sum(r[key] for r in rows[1:]) / (len(rows) - 1)
 
 
 def render_hetero(h: dict[str, Any], notes: str) -> list[str]:
@@ -186,22 +197,17 @@ def render_hetero(h: dict[str, Any], notes: str) -> list[str]:
               "|---" * (6 + len(targets) * len(alphas)) + "|"]
     for lb in labels:
         first = h["alphas"][alphas[0]]["methods"][lb]
-        row1 = first["rows"][1]
         fits = [r["time_fit"] / len(r["clients"]) for a in alphas
                 for r in h["alphas"][a]["methods"][lb]["rows"][1:]]
         lines.append(
             f"| {lb} | {first['trainable_params']:,} | "
             f"{100 * first['trainable_params'] / first['model_params']:.2f} | "
-            f"{row1['bytes_up_per_client']:,.0f} | {row1['bytes_down_per_client']:,.0f} | "
+            f"{_mean(first['rows'], 'bytes_up_per_client'):,.0f} | "
+            f"{_mean(first['rows'], 'bytes_down_per_client'):,.0f} | "
             f"{sum(fits) / len(fits):.2f} | "
             + " | ".join(_time_to(h["alphas"][a]["methods"][lb]["rows"], t)
                          for t in targets for a in alphas) + " |")
     return lines + ["", notes, ""] if notes else lines + [""]
-
-
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    """Mean over the trained rounds (Ferret's and FedKSeed's downloads vary by round)."""
-    return sum(r[key] for r in rows[1:]) / (len(rows) - 1)
 
 
 def render_instruct(ins: dict[str, Any], ferret: dict[str, Any], notes: str) -> list[str]:
