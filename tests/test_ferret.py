@@ -30,39 +30,40 @@ from fedtune.tasks import ClientData
 
 
 @pytest.mark.parametrize("dist", ["truncnormal", "gaussian", "rademacher"])
-@pytest.mark.parametrize("segment", [projection.SEGMENT, 7])
-def test_projection_and_reconstruction_match_dense_matrices(dist, segment, monkeypatch):
-    monkeypatch.setattr(projection, "SEGMENT", segment)
-    monkeypatch.setattr(projection, "RADEMACHER_SEGMENT", segment)
+def test_projection_and_reconstruction_match_dense_matrices(dist):
     d, n, seed = 50, 6, 1234
-    delta = torch.randn(d)
+    parts = [torch.randn(20), torch.randn(30)]  # a block of two tensors
+    delta = torch.cat(parts)
     v = projection.dense_bases(seed, n, d, dist)
     assert v.shape == (n, d)
-    dots = projection.project(delta, seed, n, dist)
-    expect = (v.double() @ delta.double()).numpy()
-    np.testing.assert_allclose(dots, expect, rtol=1e-5, atol=1e-6)
+    streams = [(seed, k) for k in range(n)]
+    dots = projection.project(parts, streams, dist, d)
+    np.testing.assert_allclose(dots, (v.double() @ delta.double()).numpy(), rtol=1e-5,
+                               atol=1e-6)
     coefs = [0.5, -1.0, 0.0, 2.0, 0.25, 0.0]
-    acc = projection.reconstruct_(torch.zeros(d), seed, coefs, dist)
+    ws = [torch.zeros(20), torch.zeros(30)]
+    projection.apply_(ws, [(seed, k, c) for k, c in enumerate(coefs)], dist, d)
     dense = torch.tensor(coefs).double() @ v.double()
-    np.testing.assert_allclose(acc.numpy(), dense.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch.cat(ws).numpy(), dense.numpy(), rtol=1e-5, atol=1e-6)
+    # one tensor holding the whole block gets exactly the same bits as the two parts
+    whole = torch.zeros(d)
+    projection.apply_([whole], [(seed, k, c) for k, c in enumerate(coefs)], dist, d)
+    assert torch.equal(whole, torch.cat(ws))
     if dist == "truncnormal":
         assert v.abs().max() <= 1 / math.sqrt(d) * (1 + 1e-6)
     if dist == "rademacher":
         assert set(v.unique().tolist()) == {-1.0, 1.0}
+    assert projection.basis_norm(seed, d, dist) == pytest.approx(float(v[0].double().norm()),
+                                                                 rel=1e-12)
 
 
-def test_segmenting_is_part_of_the_basis_definition(monkeypatch):
-    """Bases are defined per segment, so the projection's chunking cannot change them: a long
-    block projected and rebuilt segment by segment equals the dense computation."""
-    monkeypatch.setattr(projection, "SEGMENT", 16)
-    monkeypatch.setattr(projection, "RADEMACHER_SEGMENT", 16)
-    d = 100  # 7 segments, the last one short
-    v = projection.dense_bases(5, 3, d, "truncnormal")
-    delta = torch.randn(d)
-    np.testing.assert_allclose(projection.project(delta, 5, 3, "truncnormal"),
-                               (v.double() @ delta.double()).numpy(), rtol=1e-5, atol=1e-7)
-    n = projection.basis_norm(5, d, "truncnormal")
-    assert n == pytest.approx(float(v[0].double().norm()), rel=1e-12)
+def test_reconstruction_into_bfloat16_rounds_once():
+    d = 300
+    v = projection.dense_bases(8, 2, d, "truncnormal")
+    w = torch.randn(d).to(torch.bfloat16)
+    want = (w.float() + (np.float32(0.7) * v[0] + np.float32(-0.2) * v[1])).to(torch.bfloat16)
+    projection.apply_([w], [(8, 0, 0.7), (8, 1, -0.2)], "truncnormal", d)
+    assert torch.equal(w.view(torch.int16), want.view(torch.int16))
 
 
 def _fourth_moment(dist: str, d: int) -> float:
@@ -102,12 +103,13 @@ def test_reconstruction_is_unbiased(dist):
     assert 0.5 < float(((mean - delta) ** 2 / (var / trials)).mean()) < 2.0
 
 
-@pytest.mark.parametrize("a", [1 / math.sqrt(50), 0.5, 2.0])
+@pytest.mark.parametrize("a", [1 / math.sqrt(50), 0.5, 1.0])
 def test_truncated_normal_sampler_distribution_and_variance(a):
-    """fill_truncnormal_: in [-a, a] (to float32 rounding), the exact variance, and the CDF of
-    N(0, 1) truncated to [-a, a] (Kolmogorov-Smirnov distance below the 0.1% critical value)."""
+    """truncnormal directions: in [-a, a] (to float32 rounding), the exact variance, and the
+    CDF of N(0, 1) truncated to [-a, a] (Kolmogorov-Smirnov distance below the 0.1% critical
+    value)."""
     n = 200_000
-    x = randomness.fill_truncnormal_(torch.empty(n), randomness.generator(7), a).double()
+    x = randomness.fill_(torch.empty(n), 7, "truncnormal", a).double()
     assert x.abs().max() <= a * (1 + 1e-6)
     rho = randomness.truncnormal_variance(a)
     m4 = float((x**4).mean())
@@ -162,7 +164,8 @@ from fedtune.methods import projection
 h = hashlib.sha256()
 for dist in ("truncnormal", "gaussian", "rademacher"):
     h.update(projection.dense_bases(99, 3, 70_000, dist).numpy().tobytes())
-    acc = projection.reconstruct_(torch.zeros(70_000), 99, [0.3, -1.5, 2.0], dist)
+    acc = torch.zeros(70_000)
+    projection.apply_([acc], [(99, 0, 0.3), (99, 1, -1.5), (99, 2, 2.0)], dist, 70_000)
     h.update(acc.numpy().tobytes())
 h.update(repr(projection.basis_norm(99, 70_000, "truncnormal")).encode())
 print(h.hexdigest())
@@ -423,7 +426,7 @@ def test_reference_mode_uses_the_shared_pool_the_d_over_k_scale_and_the_clip():
     reb, layout, params = client.rebuilder, client.layout, list(client.params.values())
     pos = 0
     for block, n in enumerate(counts):
-        delta = client.block_delta(snapshot, params, block).double()
+        delta = torch.cat(client.block_delta(snapshot, params, block)).double()
         d = layout.sizes[block]
         for j, k in enumerate(reb.ref_indices(77, block, n)):
             v = projection.dense_bases(reb.ref_stream(k, block), 1, d, "truncnormal")[0]

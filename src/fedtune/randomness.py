@@ -1,98 +1,229 @@
-"""The shared-randomness contract: seed -> direction vector, identical on every machine.
+"""The shared-randomness contract: seed -> direction, the same bits on every machine and device.
 
 A seed-based method (FedKSeed, FedZO, Ferret) never sends a direction; it sends the seed, and the
 receiver regenerates the vector with the functions here. The mapping is part of the wire protocol,
-so it is versioned (:data:`RANDOMNESS_VERSION`) and must not change without bumping it:
+so it is versioned (:data:`RANDOMNESS_VERSION`, carried in every message header by ``wire``) and
+must not change without bumping it.
 
-* One CPU ``torch.Generator`` (mt19937) seeded with the seed, consumed in a fixed order: the
-  tensors in the order given (the method's fixed parameter order, see
-  ``methods.base.trainable_parameters``), each filled completely before the next.
-* Values are generated in float32 on the CPU and only then cast, so the vector does not depend on
-  the model's dtype, the device or the number of threads (torch's CPU ``normal_``/``uniform_``/
-  ``random_`` fill serially from the generator; ``tests/test_randomness.py`` checks thread counts
-  and processes agree bit for bit, and pins the bytes of a reference vector).
+Version 3 is counter-based: entry ``i`` of tensor ``index`` of the direction of ``seed`` is a
+fixed function of ``(seed, index, i)`` through Philox4x32-10 (``kernels.spec`` has the exact
+definition). Any piece of any tensor can therefore be generated on its own, in parallel, in any
+order, on the CPU (numba kernels, ``kernels.cpu``) or on a CUDA GPU (Triton kernels,
+``kernels.gpu``), and both give the same bits (``kernels.reference`` is the readable numpy
+definition the tests compare them with). ``index`` is the tensor's position in the method's
+fixed parameter order (``methods.base.trainable_parameters``); Ferret uses it for the basis
+number within a block.
 
-Distributions:
+Distributions (float32 values, every transform a fixed sequence of IEEE float32 operations):
 
-* ``gaussian``: N(0, 1) via ``Tensor.normal_`` (one 32-bit draw per entry, Box-Muller in blocks
-  of 16).
-* ``rademacher``: +-1 with probability 1/2 from random bits: 64-bit words drawn with
-  ``random_(-2**63, None)`` (one ``random64`` per word), read as little-endian bytes; bit ``i``
-  of byte ``j`` gives entry ``8j + i`` (+1 when set). Each tensor starts on a fresh word (unused
-  bits of its last word are dropped). 32 entries per 32-bit draw, so it generates several times
-  faster than ``gaussian``.
-* ``truncnormal`` (Ferret): N(0, 1) truncated to [-a, a], sampled exactly with about one uniform
-  draw per entry (see :func:`fill_truncnormal_`), where torch's ``trunc_normal_`` is several
-  times slower than ``normal_``.
+* ``rademacher``: +-1, one random bit per entry;
+* ``uniform``: ``k 2^-24``, ``k`` the top 24 bits of a word, in [0, 1);
+* ``gaussian``: N(0, 1) by Box-Muller with our own polynomials for log, sin and cos;
+* ``truncnormal`` (Ferret): N(0, 1) truncated to [-a, a], 0 < a <= 1, by its inverse CDF, a
+  series in the uniform (exact to float32 precision, so ``variance`` is its variance).
 
-Applying a direction without materialising it (:func:`add_directions_`, what zeroth-order
-methods do several times per step) fills a small cache-sized buffer piece by piece. This produces
-exactly the values of a whole-tensor fill (gaussian: ``normal_`` transforms blocks of 16
-uniforms, so pieces that are multiples of 64 entries with a last piece of at least 64 entries
-consume and transform the same draws; rademacher: pieces of whole 64-bit words), which the tests
-check; it is also faster, because the buffer stays in cache while it is added.
+Applying directions (:func:`add_directions_`, :func:`add_streams_`) never materialises them:
+the kernels generate a cache-sized piece, add it and move on, and many seeds share one pass over
+the weights. The increment is computed in float32 (``alpha_1 z_1 + alpha_2 z_2 + ...``, left to
+right, each ``alpha`` rounded to float32) and added to the weight in float32, then rounded once
+to the weight's dtype (float32, bfloat16 or float16), on either device.
 
-Version history: 1 = first release. 2 = rademacher from 64-bit words through a byte lookup table
-(version 1 drew one byte per ``random_`` call); gaussian and truncnormal unchanged.
+Version history: 1 = first release (CPU mt19937). 2 = rademacher from 64-bit words.
+3 = Philox4x32-10, counter-based, identical on CPU and CUDA; adds ``uniform``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
-RANDOMNESS_VERSION = 2
+from fedtune.kernels import spec
 
-CHUNK = 1 << 18
-"""Entries per piece in :func:`add_directions_` (1 MiB of float32, a multiple of 64)."""
+RANDOMNESS_VERSION = 3
 
-Distribution = Literal["gaussian", "rademacher", "truncnormal"]
-DISTRIBUTIONS = ("gaussian", "rademacher", "truncnormal")
+Distribution = Literal["gaussian", "rademacher", "truncnormal", "uniform"]
+DISTRIBUTIONS = ("gaussian", "rademacher", "truncnormal", "uniform")
+Backend = Literal["auto", "cpu", "triton", "reference"]
 
-_SIGNS: torch.Tensor | None = None
+_NO_COEFS = np.zeros(1, dtype=np.float32)
 
 
-def generator(seed: int) -> torch.Generator:
-    """The CPU generator for ``seed`` (a non-negative integer below 2**63)."""
+def check_seed(seed: int) -> int:
+    seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed {seed} must be in [0, 2**63)")
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    return seed
 
 
-def fill_gaussian_(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return out.normal_(generator=gen)
+def _key(seed: int) -> tuple[int, int]:
+    seed = check_seed(seed)
+    return seed & 0xFFFFFFFF, seed >> 32
 
 
-def _signs() -> torch.Tensor:
-    """(256, 8) float32 lookup table: row b holds +-1 for bits 0..7 of byte b."""
-    global _SIGNS
-    if _SIGNS is None:
-        bits = torch.arange(256).unsqueeze(1).bitwise_right_shift(torch.arange(8)).bitwise_and(1)
-        _SIGNS = bits.float().mul_(2).sub_(1).contiguous()
-    return _SIGNS
+@functools.lru_cache(maxsize=4096)
+def _coefs(dist: str, bound: float | None) -> np.ndarray:
+    if dist not in spec.DIST_CODES:
+        raise ValueError(f"unknown distribution {dist!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if dist != "truncnormal":
+        return _NO_COEFS
+    if bound is None:
+        raise ValueError("truncnormal needs a bound")
+    return spec.truncnormal_coefficients(float(bound))
 
 
-def fill_rademacher_(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """+-1 entries from random 64-bit words (bit i of little-endian byte j -> entry 8j + i)."""
-    if sys.byteorder != "little":  # the byte view below assumes little-endian words
-        raise RuntimeError("rademacher directions need a little-endian machine")
-    flat = out.view(-1)
-    n = flat.numel()
-    if n == 0:
+def _backend(t: torch.Tensor, backend: Backend) -> str:
+    if backend == "auto":
+        return "triton" if t.device.type == "cuda" else "cpu"
+    if backend == "cpu" and t.device.type != "cpu":
+        raise ValueError("the cpu backend needs CPU tensors")
+    if backend not in ("cpu", "triton", "reference"):
+        raise ValueError(f"unknown backend {backend!r}")
+    return backend
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("directions are applied to contiguous tensors")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"directions are applied to float32/bfloat16/float16 tensors, not {t.dtype}")
+    return t.view(-1)
+
+
+def _cpu_view(flat: torch.Tensor):
+    from fedtune.kernels import cpu
+
+    if flat.dtype == torch.float32:
+        return flat.numpy(), cpu.F32
+    bits = flat.view(torch.int16).numpy().view(np.uint16)
+    return bits, (cpu.BF16 if flat.dtype == torch.bfloat16 else cpu.F16)
+
+
+def add_streams_(flat: torch.Tensor, terms: Sequence[tuple[int, int, float]], dist: Distribution,
+                 bound: float | None = None, offset: int = 0,
+                 backend: Backend = "auto") -> torch.Tensor:
+    """``flat[i] += sum_j alpha_j z(seed_j, index_j)[offset + i]`` for terms
+    ``(seed, index, alpha)``, one pass over ``flat`` (see the module docstring for the rounding).
+    Terms with ``alpha == 0`` are skipped, so an all-zero update leaves ``flat`` bit-identical."""
+    flat = _flat(flat)
+    coefs = _coefs(dist, bound)
+    terms = [(check_seed(s), int(i), float(a)) for s, i, a in terms if float(a) != 0.0]
+    if not terms or flat.numel() == 0:
+        return flat
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    k0 = np.array([s & 0xFFFFFFFF for s, _, _ in terms], dtype=np.uint64)
+    k1 = np.array([s >> 32 for s, _, _ in terms], dtype=np.uint64)
+    index = np.array([i for _, i, _ in terms], dtype=np.int64)
+    alpha = np.array([a for _, _, a in terms], dtype=np.float32)
+    code = spec.DIST_CODES[dist]
+    which = _backend(flat, backend)
+    with torch.no_grad():
+        if which == "triton":
+            from fedtune.kernels import gpu
+
+            gpu.add(flat, offset, k0, k1, index, alpha, code, coefs)
+        elif which == "cpu":
+            from fedtune.kernels import cpu
+
+            arr, kind = _cpu_view(flat)
+            cpu.add(arr, kind, offset, k0, k1, index, alpha, code, coefs, cpu.threads())
+        else:
+            from fedtune.kernels import reference
+
+            inc = reference.combine(offset + flat.numel(), terms, dist, bound)[offset:]
+            flat.copy_((flat.float() + torch.from_numpy(inc)).to(flat.dtype))
+    return flat
+
+
+def add_directions_(tensors: Sequence[torch.Tensor], terms: Iterable[tuple[int, float]],
+                    dist: Distribution = "gaussian", bound: float | None = None,
+                    backend: Backend = "auto") -> None:
+    """``t_i += sum_j alpha_j z(seed_j)_i`` for every ``(seed, alpha)`` in ``terms``, tensor
+    ``i`` of ``tensors`` being direction tensor ``i``: one pass over each tensor, on its own
+    device, whatever its dtype. Runs under ``torch.no_grad``."""
+    terms = [(int(s), float(a)) for s, a in terms]
+    for i, t in enumerate(tensors):
+        add_streams_(t, [(s, i, a) for s, a in terms], dist, bound, backend=backend)
+
+
+def fill_(out: torch.Tensor, seed: int, dist: Distribution, bound: float | None = None,
+          index: int = 0, offset: int = 0, backend: Backend = "auto") -> torch.Tensor:
+    """Write entries ``offset ..`` of direction tensor ``index`` of ``seed`` into the float32
+    tensor ``out`` (any device)."""
+    if out.dtype != torch.float32:
+        raise ValueError("directions are generated into float32 tensors")
+    flat = _flat(out)
+    coefs = _coefs(dist, bound)
+    k0, k1 = _key(seed)
+    code = spec.DIST_CODES[dist]
+    which = _backend(flat, backend)
+    if flat.numel() == 0:
         return out
-    words = torch.empty((n + 63) // 64, dtype=torch.int64).random_(-(2**63), None, generator=gen)
-    idx = words.view(torch.uint8).to(torch.int32)
-    full = n // 8
-    signs = _signs()
-    if full:
-        torch.index_select(signs, 0, idx[:full], out=flat[: full * 8].view(full, 8))
-    if n % 8:
-        flat[full * 8 :] = signs[int(idx[full])][: n % 8]
+    if which == "triton":
+        from fedtune.kernels import gpu
+
+        gpu.fill(flat, offset, k0, k1, int(index), code, coefs)
+    elif which == "cpu":
+        from fedtune.kernels import cpu
+
+        cpu.fill(flat.numpy(), offset, k0, k1, int(index), code, coefs, cpu.threads())
+    else:
+        from fedtune.kernels import reference
+
+        z = reference.direction(check_seed(seed), int(index), offset + flat.numel(), dist, bound)
+        flat.copy_(torch.from_numpy(z[offset:]))
     return out
+
+
+def directions(seed: int, shapes: Iterable[torch.Size], dist: Distribution = "gaussian",
+               bound: float | None = None, device: torch.device | str = "cpu",
+               backend: Backend = "auto") -> Iterator[torch.Tensor]:
+    """The direction of ``seed`` over tensors of ``shapes``, one new float32 tensor each."""
+    for i, shape in enumerate(shapes):
+        yield fill_(torch.empty(torch.Size(shape), device=device), seed, dist, bound, index=i,
+                    backend=backend)
+
+
+def dot_streams(delta: torch.Tensor, streams: Sequence[tuple[int, int]], dist: Distribution,
+                bound: float | None = None, offset: int = 0,
+                backend: Backend = "auto") -> np.ndarray:
+    """``<z(seed, index)[offset:], delta>`` for each ``(seed, index)``, float64, without
+    materialising any direction. Only the sender of a projection computes it, so its summation
+    order (which depends on the thread count and device) does not have to match anyone's."""
+    flat = delta.view(-1)
+    if flat.dtype != torch.float32 or not delta.is_contiguous():
+        raise ValueError("projections take contiguous float32 tensors")
+    coefs = _coefs(dist, bound)
+    keys = [_key(s) for s, _ in streams]
+    if not keys:
+        return np.zeros(0)
+    k0 = np.array([k[0] for k in keys], dtype=np.uint64)
+    k1 = np.array([k[1] for k in keys], dtype=np.uint64)
+    index = np.array([int(i) for _, i in streams], dtype=np.int64)
+    code = spec.DIST_CODES[dist]
+    which = _backend(flat, backend)
+    if which == "triton":
+        from fedtune.kernels import gpu
+
+        return gpu.dots(flat, offset, k0, k1, index, code, coefs)
+    if which == "cpu":
+        from fedtune.kernels import cpu
+
+        nthreads = cpu.threads()
+        partial = np.zeros((nthreads, len(index)))
+        cpu.dots(flat.numpy(), offset, k0, k1, index, code, coefs, nthreads, partial)
+        return partial.sum(axis=0)
+    from fedtune.kernels import reference
+
+    d = flat.numpy().astype(np.float64)
+    return np.array([reference.direction(check_seed(s), int(i), offset + len(d), dist,
+                                         bound)[offset:].astype(np.float64) @ d
+                     for s, i in streams])
 
 
 def truncnormal_variance(a: float) -> float:
@@ -109,140 +240,24 @@ def truncnormal_variance(a: float) -> float:
     return 1 - 2 * a * phi / mass
 
 
-def fill_truncnormal_(out: torch.Tensor, gen: torch.Generator, a: float) -> torch.Tensor:
-    """Exact N(0, 1) truncated to [-a, a] at nearly the speed of ``uniform_``.
-
-    The density on [-a, a] is proportional to ``c + (exp(-x^2/2) - c)`` with ``c = exp(-a^2/2)``:
-    a mixture of a uniform part (weight ``w = 2 a c / Z``, ``Z`` the normal mass on [-a, a]) and a
-    small "cap". One uniform draw ``v`` per entry both picks the part and, when ``v < w``, gives
-    the value ``-a + 2 a v / w`` (uniform given the pick). The few entries in the cap part
-    (probability about a^2/3) are redrawn by rejection from the uniform proposal.
-    """
-    if a <= 0:
-        raise ValueError("truncation bound must be positive")
-    c = math.exp(-a * a / 2)
-    z = math.sqrt(2 * math.pi) * math.erf(a / math.sqrt(2))
-    w = min(2 * a * c / z, 1.0)
-    flat = out.view(-1)
-    flat.uniform_(0, 1, generator=gen)
-    cap = (flat >= w).nonzero().squeeze(1)
-    flat.mul_(2 * a / w).sub_(a)
-    if cap.numel():
-        flat[cap] = _sample_cap(cap.numel(), gen, a, c)
-    return out
-
-
-def _sample_cap(m: int, gen: torch.Generator, a: float, c: float) -> torch.Tensor:
-    """``m`` draws from the density proportional to exp(-x^2/2) - c on [-a, a]."""
-    got = torch.empty(0)
-    while got.numel() < m:
-        need = m - got.numel()
-        y = torch.empty(2 * need + 16).uniform_(-a, a, generator=gen)
-        t = torch.empty(2 * need + 16).uniform_(0, 1, generator=gen)
-        keep = y[t * (1 - c) <= torch.exp(-y * y / 2) - c]
-        got = torch.cat([got, keep[:need]])
-    return got
-
-
-def fill_(out: torch.Tensor, gen: torch.Generator, dist: Distribution,
-          bound: float | None = None) -> torch.Tensor:
-    """Fill float32 CPU tensor ``out`` from ``gen`` with ``dist`` (``bound`` for truncnormal)."""
-    if out.dtype != torch.float32 or out.device.type != "cpu":
-        raise ValueError("directions are generated into float32 CPU tensors")
-    if dist == "gaussian":
-        return fill_gaussian_(out, gen)
-    if dist == "rademacher":
-        return fill_rademacher_(out, gen)
-    if dist == "truncnormal":
-        if bound is None:
-            raise ValueError("truncnormal needs a bound")
-        return fill_truncnormal_(out, gen, bound)
-    raise ValueError(f"unknown distribution {dist!r}; use one of {', '.join(DISTRIBUTIONS)}")
-
-
 def variance(dist: Distribution, bound: float | None = None) -> float:
     """Per-entry variance of ``dist`` (rho in the Ferret paper)."""
     if dist in ("gaussian", "rademacher"):
         return 1.0
+    if dist == "uniform":
+        return 1.0 / 12.0
     if dist == "truncnormal":
         return truncnormal_variance(bound)
     raise ValueError(f"unknown distribution {dist!r}")
 
 
-def directions(seed: int, shapes: Iterable[torch.Size], dist: Distribution = "gaussian",
-               buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """The direction for ``seed``, one tensor per shape in order, each a view of one reused
-    float32 buffer (so the caller must use each before asking for the next). The full vector is
-    never materialised."""
-    gen = generator(seed)
-    shapes = [torch.Size(s) for s in shapes]
-    largest = max((s.numel() for s in shapes), default=0)
-    if buffer is None or buffer.numel() < largest:
-        buffer = torch.empty(largest, dtype=torch.float32)
-    for shape in shapes:
-        view = buffer[: shape.numel()].view(shape)
-        fill_(view, gen, dist)
-        yield view
+# --- host-side seeds (CPU integers, no device involved) -------------------------------------
 
 
-def _pieces(n: int, chunk: int) -> Iterator[tuple[int, int]]:
-    """[start, end) pieces of ``n`` entries: multiples of ``chunk`` (itself a multiple of 64),
-    the remainder merged into the last piece when shorter than 64 entries."""
-    start = 0
-    while start < n:
-        end = min(start + chunk, n)
-        if n - end < 64:
-            end = n
-        yield start, end
-        start = end
-
-
-def add_directions_(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
-                    dist: Distribution = "gaussian", bound: float | None = None,
-                    chunk: int = CHUNK) -> None:
-    """``t += alpha * z(seed)`` for every ``(seed, alpha)`` in ``terms``, over ``tensors`` in
-    order (the direction of a seed spans all of them), without materialising any direction.
-
-    Each tensor is walked in pieces of ``chunk`` entries; for every piece, each term's generator
-    fills a small float32 buffer (which stays in cache) that is added to the piece. Terms share
-    the walk, so applying many seeds at once (a client catching up) reads and writes the model
-    once per piece instead of once per seed. The values are those of :func:`directions` exactly
-    (see the module docstring). ``tensors`` must be contiguous CPU tensors; any float dtype (the
-    direction is float32 and the add casts). ``truncnormal`` is filled whole per tensor (its
-    rejection step does not split into pieces). Runs under ``torch.no_grad``."""
-    if chunk <= 0 or chunk % 64:
-        raise ValueError(f"chunk {chunk} must be a positive multiple of 64")
-    terms = [(int(s), float(a)) for s, a in terms]
-    if not terms:
-        return
-    for t in tensors:
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("add_directions_ needs contiguous CPU tensors")
-    with torch.no_grad():  # parameters that require grad may be updated in place
-        _add_directions(tensors, terms, dist, bound, chunk)
-
-
-def _add_directions(tensors: Sequence[torch.Tensor], terms: list[tuple[int, float]],
-                    dist: Distribution, bound: float | None, chunk: int) -> None:
-    gens = [generator(s) for s, _ in terms]
-    if dist == "truncnormal":
-        largest = max((t.numel() for t in tensors), default=0)
-        buf = torch.empty(largest, dtype=torch.float32)
-        for t in tensors:
-            view = buf[: t.numel()].view(t.shape)
-            for gen, (_, alpha) in zip(gens, terms):
-                fill_(view, gen, dist, bound)
-                t.add_(view, alpha=alpha)
-        return
-    buf = torch.empty(chunk + 64, dtype=torch.float32)
-    for t in tensors:
-        flat = t.view(-1)
-        for start, end in _pieces(flat.numel(), chunk):
-            piece = flat[start:end]
-            view = buf[: end - start]
-            for gen, (_, alpha) in zip(gens, terms):
-                fill_(view, gen, dist, bound)
-                piece.add_(view, alpha=alpha)
+def generator(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for host-side choices (sampling indices, seed pools); never
+    used for directions."""
+    return torch.Generator(device="cpu").manual_seed(check_seed(seed))
 
 
 def seed_pool(run_seed: int, k: int, salt: int = 0) -> list[int]:
@@ -271,3 +286,17 @@ def derive_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         x = z ^ (z >> 31)
     return x >> 1  # < 2**63
+
+
+def digest(dist: Distribution, device: torch.device | str = "cpu",
+           backend: Backend = "auto") -> str:
+    """sha256 of the directions of ``kernels.spec.DIGEST_CASES`` generated on ``device``; equal
+    to ``spec.DIGESTS[dist]`` on every conforming device."""
+    import hashlib
+
+    h = hashlib.sha256()
+    bound = spec.DIGEST_BOUND if dist == "truncnormal" else None
+    for seed, shape in spec.DIGEST_CASES:
+        for z in directions(seed, [shape, (17,)], dist, bound, device=device, backend=backend):
+            h.update(z.cpu().numpy().tobytes())
+    return h.hexdigest()

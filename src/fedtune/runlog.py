@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fedtune.randomness import RANDOMNESS_VERSION
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
@@ -74,12 +76,23 @@ class RunLog:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_torch_save(state, self.checkpoint_path)
+        atomic_torch_save({**state, "randomness_version": RANDOMNESS_VERSION},
+                          self.checkpoint_path)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint, or None; refuses one written under another randomness version (its
+        seed log would rebuild other directions: a silently different model)."""
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, weights_only=False)
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        version = state.get("randomness_version", 2) if isinstance(state, dict) else None
+        if version != RANDOMNESS_VERSION:
+            raise RuntimeError(
+                f"{self.checkpoint_path} was written with shared randomness v{version}; this "
+                f"fedtune uses v{RANDOMNESS_VERSION}, under which its seeds rebuild other "
+                "directions. Start the run again, or resume it with the fedtune release that "
+                "wrote it.")
+        return state
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_bytes(self.dir / "summary.json",

@@ -9,11 +9,14 @@ Header (14 bytes, little-endian)::
     format version    u8      (WIRE_VERSION; bumped when any layout changes)
     method id         u8      (one per method, see ``methods.registry``)
     kind              u8      (0 = download to a client, 1 = upload to the server)
-    reserved          u8      (0)
+    randomness        u8      (RANDOMNESS_VERSION: the seed -> direction contract the sender
+                               uses; 0 from releases before version 3)
     round             u32
     body length       u32     (checked: a truncated or padded message is rejected)
 
-A malformed message raises :class:`MessageError` before any state is touched.
+A malformed message raises :class:`MessageError` before any state is touched, and so does a
+message from a peer with another randomness version: for a seed-based method it would rebuild
+other directions and silently diverge, and for the others it means another fedtune release.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fedtune.randomness import RANDOMNESS_VERSION
 
 WIRE_VERSION = 1
 MAGIC = b"FT"
@@ -51,7 +56,8 @@ def frame(method_id: int, kind: int, round_: int, body: bytes | list) -> bytes:
     message costs one copy of the model, not three."""
     parts = body if isinstance(body, list) else [body]
     length = sum(memoryview(p).nbytes for p in parts)
-    header = HEADER.pack(MAGIC, WIRE_VERSION, method_id, kind, 0, round_, length)
+    header = HEADER.pack(MAGIC, WIRE_VERSION, method_id, kind, RANDOMNESS_VERSION, round_,
+                         length)
     return b"".join([header, *parts])
 
 
@@ -63,11 +69,16 @@ def unframe(
         raise MessageError(f"message must be bytes, got {type(data).__name__}")
     if len(data) < HEADER_SIZE:
         raise MessageError(f"message of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, mid, knd, _, rnd, length = HEADER.unpack_from(data, 0)
+    magic, version, mid, knd, rv, rnd, length = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise MessageError("not a fedtune message (bad magic)")
     if version != WIRE_VERSION:
         raise MessageError(f"wire format version {version}, this fedtune speaks {WIRE_VERSION}")
+    if rv != RANDOMNESS_VERSION:
+        sender = f"v{rv}" if rv else "v2 or earlier"
+        raise MessageError(
+            f"message uses shared randomness {sender}, this fedtune uses v{RANDOMNESS_VERSION}: "
+            "its seeds would rebuild other directions; run the same fedtune release everywhere")
     if mid != method_id:
         raise MessageError(f"message is for method id {mid}, expected {method_id}")
     if knd != kind:

@@ -78,7 +78,6 @@ NO_SINCE = 0xFFFFFFFF
 QMAX = 65535
 DOWN_HEAD = struct.Struct("<BIII")  # flags, K, pool id, since
 UP_HEAD = struct.Struct("<II")  # pool id, count
-_APPLY_BATCH = 64  # seeds per walk over the model when syncing (bounds live generators)
 
 
 @dataclass
@@ -327,9 +326,7 @@ class KSeedClient:
         """``model -= eta * sum_s delta_s z(seed_s)`` over the non-zero entries."""
         nz = np.flatnonzero(delta)
         terms = [(self.pool[s], -self.cfg.eta * float(delta[s])) for s in nz]
-        with torch.no_grad():
-            for i in range(0, len(terms), _APPLY_BATCH):
-                add_directions_(self.params, terms[i : i + _APPLY_BATCH], self.cfg.distribution)
+        add_directions_(self.params, terms, self.cfg.distribution)
         return len(terms)
 
     def sync(self, download: bytes) -> None:

@@ -37,9 +37,13 @@ Messages (after the 12-byte ``wire`` header):
   record is ``u8 0, f64 eta_s, u16 m`` and per client ``f64 weight, u32 length, upload body``;
   a reference record is ``u8 1, f64 eta_s, f64 clip, u32 nnz, nnz u32 (k * L + l), nnz f32``.
 
-Memory: a client keeps one copy of the trainable weights during ``fit`` (to form ``Delta`` and
-to restore ``w_r`` exactly afterwards: in the in-process engine one model serves every
-simulated client), plus one block-sized float32 accumulator and one 256 KiB generation segment.
+Numerics and memory: a client keeps one copy of the trainable weights during ``fit`` (to form
+``Delta`` and to restore ``w_r`` exactly afterwards: in the in-process engine one model serves
+every simulated client), in their own dtype. ``Delta`` is formed in float32 one tensor at a
+time (at most one tensor-sized float32 temporary) and projected in float32 with float64 sums,
+whatever the weights' dtype; reconstruction adds the float32 increment of all of a block's
+terms to each weight once and rounds once (``randomness.add_streams_``), on the weights' own
+device, without any accumulator.
 The server keeps the log of round records (a few KB per client per round) and, with
 ``server_rebuild`` (default), its own copy of the global weights, updated by the same
 reconstruction (``state_dict`` then holds the global model).
@@ -48,6 +52,7 @@ reconstruction (``state_dict`` then holds the global model).
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 import time
 import zlib
@@ -227,16 +232,6 @@ class Rebuilder:
         self.pool = (randomness.seed_pool(run_seed, cfg.pool_size, salt=POOL_SALT)
                      if cfg.mode == "reference" else [])
         self.norms: dict[tuple[int, int], float] = {}
-        self.segment = torch.empty(projection.segment(cfg.distribution))
-        self._acc: torch.Tensor | None = None
-
-    def acc(self, d: int) -> torch.Tensor:
-        if self._acc is None:
-            self._acc = torch.empty(max(self.layout.sizes))
-        return self._acc[:d]
-
-    def release(self) -> None:
-        self._acc = None
 
     def ref_indices(self, seed: int, block: int, n: int) -> list[int]:
         """Reference mode: the pool entries a client with ``seed`` uses for ``block``."""
@@ -250,8 +245,7 @@ class Rebuilder:
         key = (k, block)
         if key not in self.norms:
             self.norms[key] = projection.basis_norm(
-                self.ref_stream(k, block), self.layout.sizes[block], self.cfg.distribution,
-                self.segment)
+                self.ref_stream(k, block), self.layout.sizes[block], self.cfg.distribution)
         return self.norms[key]
 
     def apply(self, params: Sequence[torch.Tensor], record: bytes | memoryview) -> None:
@@ -261,8 +255,7 @@ class Rebuilder:
         if mode != MODES[self.cfg.mode]:
             raise wire.MessageError(f"round record is for mode {mode}, this run uses "
                                     f"{self.cfg.mode!r}")
-        with projection.single_thread():
-            self._apply(params, r, mode)
+        self._apply(params, r, mode)
 
     def _apply(self, params: Sequence[torch.Tensor], r: wire.Reader, mode: int) -> None:
         if mode == 0:
@@ -284,29 +277,20 @@ class Rebuilder:
                 raise wire.MessageError("reference record indexes past the seed pool")
             self._apply_reference(params, eta, clip, idx, vals)
 
-    def _write(self, params: Sequence[torch.Tensor], block: int, acc: torch.Tensor,
-               eta: float) -> None:
-        off = 0
-        for i in self.layout.groups[block]:
-            p = params[i]
-            n = p.numel()
-            p.view(-1).add_(acc[off: off + n], alpha=-eta)
-            off += n
+    def _block(self, params: Sequence[torch.Tensor], block: int) -> list[torch.Tensor]:
+        return [params[i] for i in self.layout.groups[block]]
 
     @torch.no_grad()
     def _apply_paper(self, params, eta: float, clients) -> None:
-        dist = self.cfg.distribution
-        offsets = []
-        for _, upd in clients:
-            offsets.append(np.concatenate([[0], np.cumsum(upd.counts)]))
+        """Per block, every client's terms ``-eta w_i gamma_k v_(seed_i,l; k)`` in one pass."""
+        offsets = [np.concatenate([[0], np.cumsum(upd.counts)]) for _, upd in clients]
         for block, d in enumerate(self.layout.sizes):
-            acc = self.acc(d)
-            acc.zero_()
+            terms = []
             for (weight, upd), off in zip(clients, offsets):
-                coefs = (weight * upd.coords[off[block]: off[block + 1]]).tolist()
-                projection.reconstruct_(acc, randomness.derive_seed(upd.seed, block), coefs,
-                                        dist, self.segment)
-            self._write(params, block, acc, eta)
+                stream = randomness.derive_seed(upd.seed, block)
+                coefs = upd.coords[off[block]: off[block + 1]]
+                terms += [(stream, k, -eta * weight * float(c)) for k, c in enumerate(coefs)]
+            projection.apply_(self._block(params, block), terms, self.cfg.distribution, d)
 
     @torch.no_grad()
     def _apply_reference(self, params, eta: float, clip: float, idx: np.ndarray,
@@ -316,16 +300,15 @@ class Rebuilder:
         for flat, v in zip(idx.tolist(), vals.tolist()):
             by_block.setdefault(flat % nblocks, []).append((flat // nblocks, v))
         for block in sorted(by_block):
-            acc = self.acc(self.layout.sizes[block])
-            acc.zero_()
+            terms = []
             for k, c in by_block[block]:
                 if clip > 0:
                     scale = clip / (abs(c) * self.norm(k, block) + 1e-8)
                     if scale < 1:
                         c = c * scale
-                projection.reconstruct_(acc, self.ref_stream(k, block), [c],
-                                        self.cfg.distribution, self.segment)
-            self._write(params, block, acc, eta)
+                terms.append((self.ref_stream(k, block), 0, -eta * c))
+            projection.apply_(self._block(params, block), terms, self.cfg.distribution,
+                              self.layout.sizes[block])
 
 
 def parse_download(data: bytes, round_: int | None = None) -> tuple[int, list[tuple[int, bytes]]]:
@@ -413,7 +396,6 @@ class FerretServer:
         t0 = time.perf_counter()
         if self.weights is not None:
             self.rebuilder.apply(list(self.weights.values()), rec)
-            self.rebuilder.release()
         seconds = time.perf_counter() - t0
         self.log.append(rec)
         if table is not None:
@@ -471,47 +453,42 @@ class FerretClient:
         for rnd, rec in todo:
             self.rebuilder.apply(params, rec)
             self.round = rnd + 1
-        self.rebuilder.release()
         self._time("reconstruct", time.perf_counter() - t0)
 
     def block_delta(self, snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                    block: int) -> torch.Tensor:
-        parts = [(snapshot[i].float() - params[i].detach().float()).view(-1)
-                 for i in self.layout.groups[block]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+                    block: int) -> list[torch.Tensor]:
+        """Delta of one block in float32, one flat tensor per member (never concatenated)."""
+        return [(snapshot[i].float() - params[i].detach().float()).view(-1)
+                for i in self.layout.groups[block]]
 
     @torch.no_grad()
     def project(self, snapshot: Sequence[torch.Tensor], seed: int) -> tuple[list[int], list[float]]:
-        """Allocation and scaled coordinates of Delta = snapshot - current weights."""
-        with projection.single_thread():
-            return self._project(snapshot, seed)
-
-    def _project(self, snapshot: Sequence[torch.Tensor],
-                 seed: int) -> tuple[list[int], list[float]]:
+        """Allocation and scaled coordinates of Delta = snapshot - current weights (formed in
+        float32 whatever the weights' dtype, one tensor at a time)."""
         params = list(self.params.values())
         cfg, layout = self.cfg, self.layout
-        norms = [float(torch.linalg.vector_norm(self.block_delta(snapshot, params, b)))
+        norms = [math.sqrt(sum(float(torch.linalg.vector_norm(p)) ** 2
+                               for p in self.block_delta(snapshot, params, b)))
                  for b in range(len(layout))]
         counts = projection.allocate(norms, cfg.k, cfg.min_bases)
         if cfg.mode == "reference":
             counts = [min(c, cfg.pool_size) for c in counts]
         coords: list[float] = []
-        seg = self.rebuilder.segment
         numbers = 0
         for block, n in enumerate(counts):
             delta = self.block_delta(snapshot, params, block)
-            d = delta.numel()
+            d = layout.sizes[block]
             numbers += n * d
             if cfg.mode == "paper":
-                dots = projection.project(delta, randomness.derive_seed(seed, block), n,
-                                          cfg.distribution, seg)
+                stream = randomness.derive_seed(seed, block)
+                streams = [(stream, k) for k in range(n)]
                 scale = 1.0 / (layout.rho[block] * n)
             else:
                 ks = self.rebuilder.ref_indices(seed, block, n)
-                dots = [projection.project(delta, self.rebuilder.ref_stream(k, block), 1,
-                                           cfg.distribution, seg)[0] for k in ks]
+                streams = [(self.rebuilder.ref_stream(k, block), 0) for k in ks]
                 scale = d / n
-            coords.extend(x * scale for x in dots)
+            dots = projection.project(delta, streams, cfg.distribution, d)
+            coords.extend(float(x) * scale for x in dots)
         self.last_projection = {"numbers": float(numbers), "coordinates": float(len(coords))}
         return counts, coords
 

@@ -1,64 +1,32 @@
 """Block random projection and reconstruction with shared randomness (Ferret's kernels).
 
-A *stream* is one generator, ``randomness.generator(derive_seed(seed, block))``, that yields the
-bases of one block one after another. Every basis of a block of size ``d`` is drawn as
-consecutive segments of at most :func:`segment` entries (64K; 256K for rademacher), each
-segment one ``randomness.fill_`` call; basis ``k`` is therefore the ``k``-th run of
-``ceil(d / segment)`` fills. This definition
-is part of the wire protocol (changing a segment size changes every basis), and it is what lets
-projection and reconstruction work a segment at a time:
+Basis ``k`` of the *stream* ``seed`` over a block of ``d`` entries is direction tensor ``k`` of
+``seed`` (``randomness``, version 3): entry ``i`` of the basis is a fixed function of
+``(seed, k, i)``. A block spans one or more trainable tensors laid end to end; the tensor at
+position ``off`` in its block sees entries ``off ..`` of every basis, so projection and
+reconstruction work tensor by tensor, in place, with no block-sized buffer and without ever
+materialising a basis:
 
-* only one segment of one basis is ever materialised (256 KiB or 1 MiB), so memory does not
-  grow with ``K`` or with the block size, and the segment is still in cache when it is used;
-* projection is one dot product per generated segment, reconstruction one ``add_`` per
-  segment: both are a few percent of the generation cost, so throughput stays near the
-  generator's own rate (``benchmarks/bench_ferret.py`` measures the fraction).
+* projection (:func:`project`) is ``randomness.dot_streams`` over each tensor of the block, the
+  partial dot products summed;
+* reconstruction (:func:`apply_`) is ``randomness.add_streams_``: every term of every client
+  for a block added to its tensors in one pass over them.
 
-The kernels run torch on one thread (:func:`single_thread`): generation is serial anyway, and
-on a loaded machine the OpenMP threads of element-wise ops on 64K-entry segments cost far more
-than they save (measured here under load: 7M entries/s with 2 threads against 105M/s with one).
-
-Reconstruction uses only element-wise ``add_`` (no reductions, no BLAS), so it gives the same
-bits for the same inputs whatever the thread count; the server and every client call the same
-functions in the same order and get bit-identical weights. Coordinates (projection) are computed
-only by the client that sends them, so their summation order does not matter to anyone else.
+Reconstruction is deterministic (every entry computed independently, in a fixed order of
+float32 operations), so the server and every client, on any device and at any thread count, get
+bit-identical weights from the same terms. Coordinates (projection) are computed only by the
+client that sends them, so their summation order does not matter to anyone else.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from fedtune import randomness
-
-SEGMENT = 1 << 16
-"""Entries per generation call (part of the seed -> basis mapping)."""
-RADEMACHER_SEGMENT = 1 << 18
-"""Rademacher entries come from random bits at several G/s, so per-call overhead matters more:
-larger segments (1 MiB of float32, still cache-resident) for that distribution."""
-
-
-def segment(dist: str) -> int:
-    """Entries per generation call for ``dist``."""
-    return RADEMACHER_SEGMENT if dist == "rademacher" else SEGMENT
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block (restored afterwards)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def block_groups(sizes: Sequence[int], grouping: str = "greedy",
@@ -140,82 +108,42 @@ def entry_variance(dist: str, d: int) -> float:
     return randomness.variance(dist, bound_for(dist, d))
 
 
-def _views(buf: torch.Tensor, d: int, seg: int) -> list[tuple[int, int, torch.Tensor]]:
-    return [(a, min(a + seg, d), buf[: min(a + seg, d) - a]) for a in range(0, d, seg)]
+def project(parts: Sequence[torch.Tensor], streams: Sequence[tuple[int, int]], dist: str,
+            d: int) -> np.ndarray:
+    """<v, delta> for each basis ``(seed, k)`` of a block of size ``d`` whose update is the
+    float32 tensors ``parts`` laid end to end (not yet scaled), float64."""
+    total = np.zeros(len(streams))
+    off = 0
+    for part in parts:
+        total += randomness.dot_streams(part.contiguous(), streams, dist, bound_for(dist, d),
+                                        offset=off)
+        off += part.numel()
+    return total
 
 
-def _buffer(buf: torch.Tensor | None, d: int, seg: int) -> torch.Tensor:
-    need = min(d, seg)
-    if buf is None or buf.numel() < need:
-        return torch.empty(need, dtype=torch.float32)
-    return buf
-
-
-def _stream(flat: torch.Tensor, seed: int, dist: str, buf: torch.Tensor | None):
-    """What generating the bases of stream ``seed`` over ``flat`` needs: the generator, the
-    truncation bound, and (part of ``flat``, segment buffer) pairs in generation order."""
-    d = flat.numel()
-    seg = segment(dist)
-    buf = _buffer(buf, d, seg)
-    views = [(flat[a:b], v) for a, b, v in _views(buf, d, seg)]
-    return randomness.generator(seed), bound_for(dist, d), views
-
-
-def project(delta: torch.Tensor, seed: int, n: int, dist: str,
-            buf: torch.Tensor | None = None) -> list[float]:
-    """Inner products <v_k, delta> of the first ``n`` bases of stream ``seed`` with the flat
-    float32 vector ``delta`` (not yet scaled), accumulated in double precision."""
-    gen, bound, views = _stream(delta, seed, dist, buf)
-    out = []
-    with single_thread():
-        for _ in range(n):
-            acc = 0.0
-            for part, v in views:
-                randomness.fill_(v, gen, dist, bound)
-                acc += float(torch.dot(v, part))
-            out.append(acc)
-    return out
-
-
-def reconstruct_(acc: torch.Tensor, seed: int, coefs: Sequence[float], dist: str,
-                 buf: torch.Tensor | None = None) -> torch.Tensor:
-    """``acc += sum_k coefs[k] * v_k`` over the bases of stream ``seed`` (flat float32
-    ``acc``). Bases after the last non-zero coefficient are not generated."""
-    gen, bound, views = _stream(acc, seed, dist, buf)
-    last = max((i for i, c in enumerate(coefs) if c != 0), default=-1)
-    with single_thread():
-        for c in coefs[: last + 1]:
-            for part, v in views:
-                randomness.fill_(v, gen, dist, bound)
-                if c != 0:
-                    part.add_(v, alpha=c)
-    return acc
-
-
-def basis_norm(seed: int, d: int, dist: str, buf: torch.Tensor | None = None) -> float:
-    """||v_0|| of stream ``seed`` for a block of size ``d`` (the reference mode's clip needs
-    it). Every party must get the same bits, so the sum of squares is numpy's single-threaded
-    pairwise sum in float64 (a BLAS dot can split the sum by thread count)."""
+def apply_(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, int, float]], dist: str,
+           d: int) -> None:
+    """``w += sum alpha v_(seed, k)`` over the tensors of one block (laid end to end, ``d``
+    entries), in place, whatever their dtype and device."""
+    off = 0
     bound = bound_for(dist, d)
-    seg = segment(dist)
-    buf = _buffer(buf, d, seg)
-    gen = randomness.generator(seed)
-    total = 0.0
-    with single_thread():
-        for _, _, v in _views(buf, d, seg):
-            randomness.fill_(v, gen, dist, bound)
-            x = v.numpy().astype(np.float64)
-            total += float(np.sum(x * x))
-    return math.sqrt(total)
+    for t in tensors:
+        randomness.add_streams_(t.detach().view(-1), terms, dist, bound, offset=off)
+        off += t.numel()
+
+
+def basis_norm(seed: int, d: int, dist: str) -> float:
+    """||v_0|| of stream ``seed`` for a block of size ``d`` (the reference mode's clip needs
+    it). Every party must get the same bits, so the basis is generated on the CPU and its sum of
+    squares is numpy's pairwise sum in float64 (a BLAS dot can split the sum by thread count)."""
+    v = randomness.fill_(torch.empty(d), seed, dist, bound_for(dist, d), index=0)
+    x = v.numpy().astype(np.float64)
+    return math.sqrt(float(np.sum(x * x)))
 
 
 def dense_bases(seed: int, n: int, d: int, dist: str) -> torch.Tensor:
     """The first ``n`` bases of stream ``seed`` as an (n, d) matrix (tests, small blocks)."""
-    bound = bound_for(dist, d)
-    gen = randomness.generator(seed)
-    seg = segment(dist)
     out = torch.empty(n, d)
     for k in range(n):
-        for a in range(0, d, seg):
-            randomness.fill_(out[k, a: a + seg], gen, dist, bound)
+        randomness.fill_(out[k], seed, dist, bound_for(dist, d), index=k)
     return out

@@ -8,14 +8,14 @@ For a direction ``z = z(seed)`` (``fedtune.randomness``) and a mini-batch ``B``:
 
 Two modes trade memory for time:
 
-* ``inplace`` (default): ``z`` is regenerated from its seed for each of the three moves, in small
-  cache-sized pieces (``randomness.add_directions_``), so training needs no model-sized buffer:
+* ``inplace`` (default): ``z`` is regenerated from its seed for each of the three moves, fused
+  into the add (``randomness.add_directions_``), so training needs no model-sized buffer:
   peak memory is that of inference. Cost: two forward passes plus three generations.
 * ``keep``: ``z`` is generated once per step into one model-sized float32 buffer and the three
   moves are plain adds. Cost: two forward passes plus one generation; memory: one extra model.
 
-Both modes produce the same directions (the chunked fill equals the whole-tensor fill), so they
-train the same model up to float rounding.
+Both modes produce the same directions (shared randomness v3 gives every entry the same value
+however it is generated), so they train the same model up to float rounding.
 
 A step whose losses are not finite is skipped: the model is put back (``w += eps*z``) and no
 scalar is reported.
@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from fedtune.randomness import Distribution, add_directions_, fill_, generator
+from fedtune.randomness import Distribution, add_directions_, fill_
 
 Mode = Literal["inplace", "keep"]
 MODES = ("inplace", "keep")
@@ -82,10 +82,10 @@ class ZOStepper:
 
     def _materialise(self, seed: int) -> None:
         if self._z is None:
-            self._z = [torch.empty(p.shape, dtype=torch.float32) for p in self.params]
-        gen = generator(seed)
-        for z in self._z:
-            fill_(z, gen, self.dist)
+            self._z = [torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                       for p in self.params]
+        for i, z in enumerate(self._z):
+            fill_(z, seed, self.dist, index=i)
 
     @torch.no_grad()
     def step(self, seed: int, loss_fn: Callable[[], torch.Tensor | float]) -> StepResult:

@@ -1,0 +1,274 @@
+"""The v3 kernels in Triton, for CUDA tensors.
+
+One program handles ``BLOCK`` consecutive direction positions, aligned to the counter blocks,
+laid out as a (rows, entries per counter block) tile: Philox runs once per row and its words
+are spread over the row's entries, so no word is computed twice. Float operations are written
+in the order of ``reference.py``; the kernels are launched with ``enable_fp_fusion=False`` (no
+fused multiply-add) and use ``div_rn``/``sqrt_rn`` (IEEE division and square root), so they
+round as the CPU kernels do.
+
+With ``TRITON_INTERPRET=1`` Triton runs these kernels on CPU tensors through its interpreter;
+the test suite uses that to compare them with the other two implementations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from fedtune.kernels import spec
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024
+"""Direction positions per program (a multiple of 128)."""
+
+_TWO_M23 = tl.constexpr(float(spec.TWO_M23))
+_TWO_M24 = tl.constexpr(float(spec.TWO_M24))
+_L = [tl.constexpr(float(c)) for c in spec.LOG_POLY]
+_LN2_HI = tl.constexpr(float(spec.LN2_HI))
+_LN2_LO = tl.constexpr(float(spec.LN2_LO))
+_PI_4_2M24 = tl.constexpr(float(spec.PI_4_2M24))
+_S1, _S2, _S3, _S4 = (tl.constexpr(float(c)) for c in spec.SIN_POLY)
+_C1, _C2, _C3, _C4, _C5 = (tl.constexpr(float(c)) for c in spec.COS_POLY)
+_L0, _L1, _L2, _L3, _L4, _L5 = _L
+_SQRT2_MANTISSA = tl.constexpr(spec.SQRT2_MANTISSA)
+
+
+@triton.jit
+def _philox(blk, index, k0, k1):
+    """Philox4x32-10 of counter (blk mod 2^32, blk >> 32, index, 0), key (k0, k1); blk int64."""
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + index
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(10):
+        m0 = tl.full(c0.shape, 0xD2511F53, tl.uint32)
+        m1 = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
+        n0 = tl.umulhi(m1, c2) ^ c1 ^ k0
+        n2 = tl.umulhi(m0, c0) ^ c3 ^ k1
+        c1 = m1 * c2
+        c3 = m0 * c0
+        c0 = n0
+        c2 = n2
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _log_u(wa):
+    n = (wa >> 8).to(tl.int32) + 1
+    v = n
+    big = v >= 65536
+    v = tl.where(big, v >> 16, v)
+    e = tl.where(big, 16, 0)
+    big = v >= 256
+    v = tl.where(big, v >> 8, v)
+    e += tl.where(big, 8, 0)
+    big = v >= 16
+    v = tl.where(big, v >> 4, v)
+    e += tl.where(big, 4, 0)
+    big = v >= 4
+    v = tl.where(big, v >> 2, v)
+    e += tl.where(big, 2, 0)
+    e += tl.where(v >= 2, 1, 0)
+    m = tl.where(e <= 23, n << tl.maximum(23 - e, 0), n >> 1)
+    half = tl.where(m > _SQRT2_MANTISSA, 1, 0)
+    mf = m.to(tl.float32) * tl.where(half == 1, _TWO_M24, _TWO_M23)
+    k = (e - 24 + half).to(tl.float32)
+    f = tl.div_rn(mf - 1.0, mf + 1.0)
+    s = f * f
+    p = s * _L5 + _L4
+    p = p * s + _L3
+    p = p * s + _L2
+    p = p * s + _L1
+    p = p * s + _L0
+    return k * _LN2_HI + (k * _LN2_LO + f * p)
+
+
+@triton.jit
+def _gauss_pair(wa, wb):
+    r2 = _log_u(wa) * -2.0
+    r = tl.sqrt_rn(tl.maximum(r2, 0.0))
+    o = (wb >> 29).to(tl.int32)
+    frac = ((wb >> 5) & 0xFFFFFF).to(tl.int32)
+    odd = o & 1
+    xi = tl.where(odd == 1, 16777216 - frac, frac)
+    phi = xi.to(tl.float32) * _PI_4_2M24
+    p2 = phi * phi
+    sp = p2 * _S4 + _S3
+    sp = sp * p2 + _S2
+    sp = sp * p2 + _S1
+    sn = phi + (phi * p2) * sp
+    cp = p2 * _C5 + _C4
+    cp = cp * p2 + _C3
+    cp = cp * p2 + _C2
+    cp = cp * p2 + _C1
+    cs = 1.0 + p2 * cp
+    q = o >> 1
+    swap = (odd ^ (q & 1)) == 1
+    x = r * tl.where(swap, sn, cs)
+    y = r * tl.where(swap, cs, sn)
+    x = tl.where((q == 1) | (q == 2), -x, x)
+    y = tl.where(q >= 2, -y, y)
+    return x, y
+
+
+@triton.jit
+def _uniform(w):
+    return (w >> 8).to(tl.float32) * _TWO_M24
+
+
+@triton.jit
+def _truncnormal(w, coef_ptr, ncoef):
+    t = ((w >> 8).to(tl.int32) * 2 - 16777215).to(tl.float32) * _TWO_M24
+    t2 = t * t
+    p = tl.zeros_like(t) + tl.load(coef_ptr + ncoef - 1)
+    for c in range(ncoef - 2, -1, -1):
+        p = p * t2 + tl.load(coef_ptr + c)
+    return p * t
+
+
+@triton.jit
+def _tile(g0, index, k0, k1, coef_ptr, ncoef, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Direction entries at positions g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK) as a
+    (rows, per) tile with their positions."""
+    if DIST == 2:  # rademacher: 128 entries per counter block
+        rows = tl.arange(0, BLOCK // 128)
+        cols = tl.arange(0, 128)
+        w0, w1, w2, w3 = _philox(g0 // 128 + rows.to(tl.int64), index, k0, k1)
+        sel = cols[None, :] >> 5
+        w = tl.where(sel == 0, w0[:, None], tl.where(sel == 1, w1[:, None],
+                     tl.where(sel == 2, w2[:, None], w3[:, None])))
+        bit = (w >> (cols[None, :] & 31).to(tl.uint32)) & 1
+        z = (bit.to(tl.int32) * 2 - 1).to(tl.float32)
+        pos = g0 + rows[:, None].to(tl.int64) * 128 + cols[None, :]
+    else:
+        rows = tl.arange(0, BLOCK // 4)
+        cols = tl.arange(0, 4)
+        w0, w1, w2, w3 = _philox(g0 // 4 + rows.to(tl.int64), index, k0, k1)
+        c = cols[None, :]
+        if DIST == 1:
+            x0, y0 = _gauss_pair(w0, w1)
+            x1, y1 = _gauss_pair(w2, w3)
+            z = tl.where(c == 0, x0[:, None], tl.where(c == 1, y0[:, None],
+                         tl.where(c == 2, x1[:, None], y1[:, None])))
+        else:
+            w = tl.where(c == 0, w0[:, None], tl.where(c == 1, w1[:, None],
+                         tl.where(c == 2, w2[:, None], w3[:, None])))
+            if DIST == 0:
+                z = _uniform(w)
+            else:
+                z = _truncnormal(w, coef_ptr, ncoef)
+        pos = g0 + rows[:, None].to(tl.int64) * 4 + c
+    return z, pos
+
+
+@triton.jit
+def _load(t_ptr, i, mask, BF16: tl.constexpr):
+    if BF16:  # bfloat16 bits held as int16
+        bits = tl.load(t_ptr + i, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return tl.load(t_ptr + i, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store(t_ptr, i, x, mask, BF16: tl.constexpr):
+    if BF16:  # round to nearest even by hand, as the CPU kernel does (NaN -> 0x7FC0)
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(t_ptr + i, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(t_ptr + i, x.to(t_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_kernel(t_ptr, n, offset, first_tile, k0_ptr, k1_ptr, idx_ptr, alpha_ptr, nterms,
+                coef_ptr, ncoef, DIST: tl.constexpr, FILL: tl.constexpr, BF16: tl.constexpr,
+                BLOCK: tl.constexpr):
+    g0 = (first_tile + tl.program_id(0).to(tl.int64)) * BLOCK
+    k0 = tl.load(k0_ptr).to(tl.uint32)
+    k1 = tl.load(k1_ptr).to(tl.uint32)
+    z, pos = _tile(g0, tl.load(idx_ptr).to(tl.uint32), k0, k1, coef_ptr, ncoef, DIST, BLOCK)
+    i = pos - offset
+    mask = (i >= 0) & (i < n)
+    if FILL:
+        tl.store(t_ptr + i, z, mask=mask)
+    else:
+        acc = tl.load(alpha_ptr) * z
+        for j in range(1, nterms):
+            zj, _ = _tile(g0, tl.load(idx_ptr + j).to(tl.uint32),
+                          tl.load(k0_ptr + j).to(tl.uint32), tl.load(k1_ptr + j).to(tl.uint32),
+                          coef_ptr, ncoef, DIST, BLOCK)
+            acc = acc + tl.load(alpha_ptr + j) * zj
+        _store(t_ptr, i, _load(t_ptr, i, mask, BF16) + acc, mask, BF16)
+
+
+@triton.jit
+def _dot_kernel(d_ptr, n, offset, first_tile, k0_ptr, k1_ptr, idx_ptr, out_ptr, ntiles,
+                coef_ptr, ncoef, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    tile = tl.program_id(0)
+    j = tl.program_id(1)
+    g0 = (first_tile + tile.to(tl.int64)) * BLOCK
+    z, pos = _tile(g0, tl.load(idx_ptr + j).to(tl.uint32), tl.load(k0_ptr + j).to(tl.uint32),
+                   tl.load(k1_ptr + j).to(tl.uint32), coef_ptr, ncoef, DIST, BLOCK)
+    i = pos - offset
+    mask = (i >= 0) & (i < n)
+    d = tl.load(d_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + j * ntiles + tile, tl.sum(tl.sum(z * d, axis=1), axis=0))
+
+
+def _tiles(n: int, offset: int) -> tuple[int, int]:
+    first = offset // BLOCK
+    return first, (offset + n + BLOCK - 1) // BLOCK - first
+
+
+def _args(device, k0, k1, index, coefs):
+    def put(a, dtype):
+        return torch.as_tensor(np.asarray(a), dtype=dtype).to(device)
+    return (put(k0, torch.int64), put(k1, torch.int64), put(index, torch.int64),
+            put(coefs, torch.float32))
+
+
+_OPTS = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+def add(target: torch.Tensor, offset: int, k0, k1, index, alpha, dist: int,
+        coefs: np.ndarray) -> None:
+    """Same contract as ``cpu.add`` on a contiguous 1-D tensor (float32, bfloat16 or
+    float16)."""
+    n = target.numel()
+    first, ntiles = _tiles(n, offset)
+    k0t, k1t, it, ct = _args(target.device, k0, k1, index, coefs)
+    at = torch.as_tensor(np.asarray(alpha, dtype=np.float32)).to(target.device)
+    bf16 = target.dtype == torch.bfloat16
+    t = target.view(torch.int16) if bf16 else target
+    _add_kernel[(ntiles,)](t, n, offset, first, k0t, k1t, it, at, len(at), ct, len(ct),
+                           DIST=dist, FILL=False, BF16=bf16, BLOCK=BLOCK, **_OPTS)
+
+
+def fill(out: torch.Tensor, offset: int, k0: int, k1: int, index: int, dist: int,
+         coefs: np.ndarray) -> None:
+    n = out.numel()
+    first, ntiles = _tiles(n, offset)
+    k0t, k1t, it, ct = _args(out.device, [k0], [k1], [index], coefs)
+    _add_kernel[(ntiles,)](out, n, offset, first, k0t, k1t, it, ct, 1, ct, len(ct),
+                           DIST=dist, FILL=True, BF16=False, BLOCK=BLOCK, **_OPTS)
+
+
+def dots(delta: torch.Tensor, offset: int, k0, k1, index, dist: int,
+         coefs: np.ndarray) -> np.ndarray:
+    """float64 dot products of ``delta`` with each (k0, k1, index) direction (summed per tile
+    in float32, then over tiles in float64)."""
+    n = delta.numel()
+    first, ntiles = _tiles(n, offset)
+    k0t, k1t, it, ct = _args(delta.device, k0, k1, index, coefs)
+    out = torch.empty(len(it), ntiles, dtype=torch.float32, device=delta.device)
+    _dot_kernel[(ntiles, len(it))](delta, n, offset, first, k0t, k1t, it, out, ntiles, ct,
+                                   len(ct), DIST=dist, BLOCK=BLOCK, **_OPTS)
+    return out.double().sum(dim=1).cpu().numpy()
