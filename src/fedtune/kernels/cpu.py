@@ -308,24 +308,46 @@ def _rad_words(words, start, n, index, k0, k1):
 
 
 @_jit
-def _rad_accumulate(out, base, words, sw, n, al, first):
-    """out[base + i] (= or +=) +-al for entries i < n from the bits of words[sw:], without
-    materialising the direction (a select per entry, which LLVM vectorises)."""
-    full = n // 32
-    for jj in range(full):
+def _rad_add(out, base, words, sw, n, al):
+    """out[base + i] += +-al for entries i < n from the bits of words[sw:], without
+    materialising the direction. al * (+-1) is exact; written as arithmetic rather than a
+    select (and with no branch inside the loops), LLVM vectorises it."""
+    for jj in range(n // 32):
         w = np.int64(words[sw + jj])
         o = base + 32 * jj
-        # al * (+-1) is exact; written as arithmetic rather than a select, LLVM vectorises it
-        if first:
-            for b in range(32):
-                out[o + b] = al * np.float32(((w >> b) & 1) * 2 - 1)
-        else:
-            for b in range(32):
-                out[o + b] = out[o + b] + al * np.float32(((w >> b) & 1) * 2 - 1)
-    for i in range(32 * full, n):
+        for b in range(32):
+            out[o + b] = out[o + b] + al * np.float32(((w >> b) & 1) * 2 - 1)
+    for i in range(32 * (n // 32), n):
         w = np.int64(words[sw + i // 32])
-        v = al * np.float32(((w >> (i % 32)) & 1) * 2 - 1)
-        out[base + i] = v if first else out[base + i] + v
+        out[base + i] = out[base + i] + al * np.float32(((w >> (i % 32)) & 1) * 2 - 1)
+
+
+@_jit
+def _rad_set(out, base, words, sw, n, al):
+    """out[base + i] = +-al (the first term of a sum)."""
+    for jj in range(n // 32):
+        w = np.int64(words[sw + jj])
+        o = base + 32 * jj
+        for b in range(32):
+            out[o + b] = al * np.float32(((w >> b) & 1) * 2 - 1)
+    for i in range(32 * (n // 32), n):
+        w = np.int64(words[sw + i // 32])
+        out[base + i] = al * np.float32(((w >> (i % 32)) & 1) * 2 - 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _rad_dot(delta, base, words, sw, n):
+    """sum_i delta[base + i] (+-1)_i in float64."""
+    s = 0.0
+    for jj in range(n // 32):
+        w = np.int64(words[sw + jj])
+        o = base + 32 * jj
+        for b in range(32):
+            s += np.float64(delta[o + b]) * np.float64(((w >> b) & 1) * 2 - 1)
+    for i in range(32 * (n // 32), n):
+        w = np.int64(words[sw + i // 32])
+        s += np.float64(delta[base + i]) * np.float64(((w >> (i % 32)) & 1) * 2 - 1)
+    return s
 
 
 @_jit
@@ -333,15 +355,28 @@ def _accumulate(out, base, words, z, start, n, index, k0, k1, al, dist, coefs, f
     """out[base + i] = al z[start + i] (first) or out[base + i] + al z[start + i]."""
     if dist == _RADEMACHER and start % 32 == 0:
         sw = _rad_words(words, start, n, index, k0, k1)
-        _rad_accumulate(out, base, words, sw, n, al, first)
+        if first:
+            _rad_set(out, base, words, sw, n, al)
+        else:
+            _rad_add(out, base, words, sw, n, al)
         return
     sh = _generate(words, z, start, n, index, k0, k1, dist, coefs)
     if first:
-        for i in range(n):
-            out[base + i] = al * z[sh + i]
+        _scaled(out, base, z, sh, n, al)
     else:
-        for i in range(n):
-            out[base + i] = out[base + i] + al * z[sh + i]
+        _scaled_add(out, base, z, sh, n, al)
+
+
+@_jit
+def _scaled(out, base, z, sh, n, al):
+    for i in range(n):
+        out[base + i] = al * z[sh + i]
+
+
+@_jit
+def _scaled_add(out, base, z, sh, n, al):
+    for i in range(n):
+        out[base + i] = out[base + i] + al * z[sh + i]
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
@@ -390,8 +425,16 @@ def fill(out, offset, k0, k1, index, dist, coefs, nthreads):
                 out[a + i] = z[sh + i]
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy",
-      fastmath={"reassoc", "contract"})
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _dot(delta, base, z, sh, n):
+    """sum_i delta[base + i] z[sh + i] in float64, in any order (vectorised)."""
+    s = 0.0
+    for i in range(n):
+        s += np.float64(z[sh + i]) * np.float64(delta[base + i])
+    return s
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dots(delta, offset, k0, k1, index, dist, coefs, nthreads, partial):
     """partial[p, j] = sum over thread p's part of delta[i] z_j[offset + i], accumulated in
     float64 (in any order: only the sender computes a projection); the caller sums over p."""
@@ -408,12 +451,15 @@ def dots(delta, offset, k0, k1, index, dist, coefs, nthreads, partial):
         for a in range(lo, hi, CHUNK):
             m = min(CHUNK, hi - a)
             for j in range(nterms):
-                sh = _generate(words, z, offset + a, m, index[j], np.uint64(k0[j]),
+                start = offset + a
+                if dist == _RADEMACHER and start % 32 == 0:
+                    sw = _rad_words(words, start, m, index[j], np.uint64(k0[j]),
+                                    np.uint64(k1[j]))
+                    partial[p, j] += _rad_dot(delta, a, words, sw, m)
+                    continue
+                sh = _generate(words, z, start, m, index[j], np.uint64(k0[j]),
                                np.uint64(k1[j]), dist, coefs)
-                s = 0.0
-                for i in range(m):
-                    s += np.float64(z[sh + i]) * np.float64(delta[a + i])
-                partial[p, j] += s
+                partial[p, j] += _dot(delta, a, z, sh, m)
 
 
 def threads() -> int:
