@@ -155,3 +155,23 @@ def test_bfloat16_evaluation_loss_is_computed_in_float32(jsonl_data, tmp_path):
     assert torch.allclose(parts[0], ce, rtol=1e-6)
     assert parts[1] == (batch["labels"][:, 1:] != IGNORE).sum()
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["fedavg", "federa"])
+def test_gpu_run_keeps_the_model_on_the_gpu(method, jsonl_data, tmp_path):
+    from fedtune import experiment as ex
+    from fedtune.engines.inprocess import LocalTransport, Progress, federate
+
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+        "model.device": "cuda", "model.dtype": "bfloat16", "method.name": method,
+        **({"method.rank": 4} if method != "fedavg" else {})}))
+    exp = ex.setup(cfg)
+    model = ex.build_model(exp)
+    client, server = ex.build_client(exp, model), ex.build_server(exp, model)
+    rows = federate(exp, server, client, LocalTransport(exp, client, Progress(False)),
+                    tmp_path / "run", out=Progress(False))
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {t.device.type for t in server.weights.values()} == {"cpu"}
+    assert all(math.isfinite(r["eval_loss"]) for r in rows) and "rouge_l" in rows[-1]
+    assert rows[-1]["peak_gpu_mb"] > 0
