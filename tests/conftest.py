@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 NI_PATH = SHARED / "data" / "natural-instructions"
 
+TEST_DEVICE = os.environ.get("FEDTUNE_TEST_DEVICE", "cpu")
+"""model.device of the tiny experiments (``FEDTUNE_TEST_DEVICE=cuda make test`` runs them on a
+GPU); pinned so that the suite does the same on a machine with a GPU as on one without."""
+
 WORDS = ["red", "blue", "green", "small", "large", "quick", "slow", "bright", "dark", "warm"]
 
 
@@ -37,6 +41,7 @@ def jsonl_data(tmp_path: Path) -> Path:
 def tiny_overrides(data_path: Path, run_dir: Path | None = None, **extra) -> list[str]:
     items = {
         "model.source": "tiny",
+        "model.device": TEST_DEVICE,
         "model.tiny_hidden": 32,
         "data.source": "jsonl",
         "data.path": str(data_path),

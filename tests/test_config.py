@@ -9,6 +9,8 @@ import pytest
 
 from fedtune.config import ConfigError, load_config
 
+from .conftest import REPO
+
 
 def test_default_config_is_valid_and_embedded():
     cfg = load_config()
@@ -39,6 +41,21 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
         load_config(None, ["train.lr=1e-3x"])
 
 
+def test_model_device_and_source_config(tmp_path):
+    assert load_config().model.device == "auto"
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert load_config(None, [f"model.device={device}"]).model.device == device
+    # a config may name a GPU this machine lacks (it is checked where the model is built)
+    assert load_config(None, ["model.device=cuda:7"]).model.device == "cuda:7"
+    shape = REPO / "benchmarks" / "configs" / "llama-3.2-1b.json"
+    for path in (shape, tmp_path):
+        if path == tmp_path:
+            (tmp_path / "config.json").write_text(shape.read_text())
+        cfg = load_config(None, ["model.source=config", f"model.path={path}",
+                                 "model.dtype=bfloat16"])
+        assert cfg.model.source == "config" and cfg.model.dtype == "bfloat16"
+
+
 def test_yaml_file_with_method_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("federation:\n  rounds: 2\nmethod:\n  name: fedavg\n  wire_dtype: float16\n")
@@ -59,6 +76,14 @@ def test_yaml_file_with_method_section(tmp_path):
     (["method.wire_dtype=int8"], "method.wire_dtype: 'int8' is not allowed"),
     (["method.bogus=1"], "method.bogus: unknown key"),
     (["rounds"], "must look like key=value"),
+    (["model.device=gpu"], "model.device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    (["model.device=cuda:x"], "model.device: 'cuda:x' is not a device"),
+    (["model.dtype=float64"], "model.dtype: 'float64' is not allowed"),
+    (["model.source=config"], "model.path: required for model.source=config"),
+    (["model.source=config", "model.path=/no/such/config.json"],
+     "model.path: '/no/such/config.json' is neither a config.json nor a folder holding one"),
+    (["model.source=config", f"model.path={REPO / 'benchmarks/configs/llama-3.2-1b.json'}",
+      "data.task=classification"], "model.source: 'config' builds a causal LM"),
 ])
 def test_bad_configs_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:

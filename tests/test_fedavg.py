@@ -76,3 +76,42 @@ def test_malformed_upload_is_rejected_and_state_untouched(mutate, message):
     assert s.round == 0
     for n, t in s.weights.items():
         assert torch.equal(t, before[n])
+
+
+def test_server_keeps_float32_on_the_cpu_and_averages_in_float32():
+    """bfloat16 uploads (wire_dtype bfloat16) weighted 0.1 .. 0.4: the server's average is the
+    exact one to float32 precision and the download rounds it to bfloat16 once; accumulating in
+    bfloat16 instead would round 18 of these 64 values differently."""
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(4, 64, generator=g)).bfloat16()
+    server = METHOD.make_server(Config(wire_dtype="bfloat16"),
+                                {"w": torch.zeros(64, dtype=torch.bfloat16)}, 0, "examples")
+    assert server.weights["w"].dtype == torch.float32 and server.weights["w"].device.type == "cpu"
+    uploads = [Upload(i, i + 1, wire.frame(server.method_id, wire.UP, 0,
+                                           wire.pack_tensors({"w": x[i]}))) for i in range(4)]
+    server.aggregate(0, uploads)
+    exact = sum((i + 1) / 10 * x[i].double() for i in range(4))
+    assert (server.weights["w"].double() - exact).abs().max() < 2e-7
+    _, body = wire.unframe(server.download(1, None), method_id=server.method_id, kind=wire.DOWN)
+    down = wire.unpack_tensors(wire.Reader(body))["w"]
+    assert down.dtype == torch.bfloat16 and torch.equal(down, exact.bfloat16())
+    naive = torch.zeros(64, dtype=torch.bfloat16)
+    for i in range(4):
+        naive.add_(x[i], alpha=(i + 1) / 10)
+    assert int((naive != exact.bfloat16()).sum()) == 18
+
+
+def test_bfloat16_client_rounds_the_download_once_and_uploads_exactly():
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    client = METHOD.make_client(Config(), model, 0)  # float32 wire
+    initial = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+               for n, p in model.named_parameters()}
+    server = METHOD.make_server(Config(), initial, 0, "examples")
+    client.sync(server.download(0, None))
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), initial[n].bfloat16())
+    parts = wire.tensor_parts({n: p.detach().to(device="cpu", dtype=torch.float32)
+                               for n, p in model.named_parameters()})
+    up = wire.unpack_tensors(wire.Reader(b"".join(parts)), server.expected())
+    for n, p in model.named_parameters():  # widening bfloat16 to the float32 wire is exact
+        assert torch.equal(up[n], p.detach().float())

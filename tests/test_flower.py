@@ -29,7 +29,7 @@ from fedtune.config import load_config
 from fedtune.engines.flower import common
 from fedtune.engines.flower.records import pack, unpack
 
-from .conftest import tiny_overrides
+from .conftest import TEST_DEVICE, tiny_overrides
 
 pytest.importorskip("flwr")
 
@@ -123,15 +123,16 @@ class FakeGrid:
     ClientApp's per-process half is swapped in and out around each call). ``dead`` nodes never
     answer; ``restart(node)`` forgets a node's half, as a restarted SuperNode would."""
 
-    def __init__(self, cfg, partitions: list[int]):
+    def __init__(self, cfg, partitions: list[int], node_configs: dict[int, dict] | None = None):
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
         # Messages are stamped with the identity of the process's task (set by Flower's runtime)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
         text = common.experiment_json(cfg)
+        extra = node_configs or {}
         self.ctx = {100 + i: Context(run_id=7, node_id=100 + i,
-                                     node_config={common.NODE_PARTITION: p},
+                                     node_config={common.NODE_PARTITION: p, **extra.get(p, {})},
                                      state=RecordDict(),
                                      run_config={common.RUN_EXPERIMENT: text})
                     for i, p in enumerate(partitions)}
@@ -251,6 +252,87 @@ def test_too_few_answers_stop_the_run_then_resume_ends_as_uninterrupted(jsonl_da
     per_client_run(cfg, tmp_path / "ref")
     got, ref = _model(tmp_path / "run"), _model(tmp_path / "ref")
     assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+def test_node_config_sets_this_nodes_device_and_dtype(jsonl_data, tmp_path):
+    text = common.node_config_text(2, "/d/x.jsonl", "cuda:1", "bfloat16")
+    assert text == 'partition-id=2 data-path="/d/x.jsonl" device="cuda:1" dtype="bfloat16"'
+    assert common.node_config_text(0) == "partition-id=0"
+    node = {common.NODE_PARTITION: 2, common.NODE_DEVICE: "cpu", common.NODE_DTYPE: "bfloat16"}
+    cfg = _cfg(jsonl_data, tmp_path)
+    local, _ = common.config_from_run({common.RUN_EXPERIMENT: common.experiment_json(cfg)},
+                                      common.node_overrides(node))
+    assert (local.model.device, local.model.dtype) == ("cpu", "bfloat16")
+    assert (cfg.model.device, cfg.model.dtype) == (TEST_DEVICE, "float32")  # the server's
+
+
+@pytest.mark.parametrize("args, message", [
+    (["supernode", "--superlink", "127.0.0.1:1", "--partition", "0", "--device", "gpu"],
+     "--device: 'gpu' is not a device"),
+    (["local", "--node-device", "0=tpu"], "--node-device 0=tpu: 'tpu' is not a device"),
+    (["local", "--node-dtype", "x=bfloat16"], "use PARTITION=VALUE"),
+    (["local", "--node-dtype", "1=float64"], "'float64' is not a dtype"),
+])
+def test_flower_cli_refuses_a_bad_device_or_dtype_before_starting_anything(args, message,
+                                                                           capsys):
+    from fedtune.cli import main
+
+    assert main(["flower", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _mixed_reference(cfg, dtypes: dict[int, str], run_dir: Path):
+    """In process, every client with its own half, client c's model in ``dtypes[c]``."""
+    import dataclasses
+
+    from fedtune import experiment as ex
+
+    from .flower_support import PerClientTransport, per_client_run
+
+    class Mixed(PerClientTransport):
+        def fit_round(self, round_, downloads):
+            for cid, dtype in dtypes.items():
+                if cid not in self.halves:
+                    own = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                             dtype=dtype))
+                    e = dataclasses.replace(self.exp, cfg=own)
+                    self.halves[cid] = ex.build_client(e, ex.build_model(e))
+            return super().fit_round(round_, downloads)
+
+    return per_client_run(cfg, run_dir, transport=Mixed)
+
+
+def _fedavg_pair_cfg(data: Path, runs: Path):
+    return load_config(None, tiny_overrides(data, runs, **{
+        "partition.num_clients": 2, "eval.generate": False, "federation.clients_per_round": 1.0,
+        "federation.round_timeout": 120}))
+
+
+def test_mixed_dtype_pair_for_fedavg(jsonl_data, tmp_path):
+    """A float32 ServerApp, SuperNode 0 in bfloat16 (its node config), SuperNode 1 in float32,
+    FedAvg on the float32 wire: both answer every round, node 0's model is bfloat16, and the
+    final global model equals bitwise an in-process run whose client 0 is bfloat16."""
+    from fedtune import experiment as ex
+    from fedtune.engines.flower import serverapp
+    from fedtune.engines.inprocess import Progress, federate
+
+    cfg = _fedavg_pair_cfg(jsonl_data, tmp_path)
+    grid = FakeGrid(cfg, [0, 1], {0: {common.NODE_DTYPE: "bfloat16"}})
+    exp = ex.setup(cfg, client_ids=[])
+    server = ex.build_server(exp, ex.build_model(exp))
+    evaluator = ex.build_client(exp, ex.build_model(exp))
+    transport = serverapp.FlowerTransport(grid, exp, server, Progress(False), node_wait=0)
+    rows = federate(exp, server, evaluator, transport, tmp_path / "fake", out=Progress(False))
+    assert [(r["clients"], r["dropped"]) for r in rows[1:]] == [([0, 1], []), ([0, 1], [])]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    (half0,) = grid.halves[100].values()
+    (half1,) = grid.halves[101].values()
+    assert {p.dtype for p in half0.client.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half1.client.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in evaluator.model.parameters()} == {torch.float32}
+    _mixed_reference(cfg, {0: "bfloat16"}, tmp_path / "ref")
+    got, ref = _model(tmp_path / "fake"), _model(tmp_path / "ref")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got)
 
 
 # --- real processes ---------------------------------------------------------------------------
@@ -408,3 +490,27 @@ def test_simulation_engine_runs_the_same_apps(jsonl_data, tmp_path, federation):
         torch.set_num_threads(threads)
     got, ref = _model(tmp_path / "sim"), _model(tmp_path / "ref")
     assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+@pytest.mark.slow
+def test_mixed_dtype_pair_in_two_processes(jsonl_data, tmp_path, federation):
+    """The same pair as real SuperNodes (``LocalFederation(dtypes=...)``, what
+    ``fedtune flower local --node-dtype 0=bfloat16`` starts): the same final model."""
+    cfg = _fedavg_pair_cfg(jsonl_data, tmp_path)
+    fed = federation([0, 1], dtypes={0: "bfloat16"})
+    rows = fed.run(cfg, tmp_path / "flower", timeout=600)
+    assert [r["clients"] for r in rows[1:]] == [[0, 1], [0, 1]]
+    _mixed_reference(cfg, {0: "bfloat16"}, tmp_path / "ref")
+    got, ref = _model(tmp_path / "flower"), _model(tmp_path / "ref")
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_and_gpu_supernodes_in_one_federation(jsonl_data, tmp_path, federation):
+    """SuperNode 0 on the GPU in bfloat16, SuperNode 1 and the ServerApp on the CPU in float32."""
+    cfg = _fedavg_pair_cfg(jsonl_data, tmp_path)
+    fed = federation([0, 1], devices={0: "cuda"}, dtypes={0: "bfloat16"})
+    rows = fed.run(cfg, tmp_path / "flower", timeout=600)
+    assert [r["clients"] for r in rows[1:]] == [[0, 1], [0, 1]]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

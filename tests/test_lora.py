@@ -140,6 +140,51 @@ def test_federa_adapters_are_the_top_singular_directions():
     assert not torch.equal(res, w0)
 
 
+def test_federa_on_a_bfloat16_model_is_the_float64_cpu_svd_rounded_once():
+    """The SVD and residual are computed on the CPU in float64 from the bfloat16 weight, then
+    rounded once: the residual is bfloat16, the adapters float32 (peft's autocast), and the
+    adapted model's output at the start is the bfloat16 model's up to bfloat16 rounding."""
+    from fedtune.models import place
+
+    model = place(tiny_llama(), torch.bfloat16, torch.device("cpu"))
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits.float()
+    _, cfg, pm = prepared("federa", model)
+    layer = dict(lora.lora_layers(pm))["base_model.model.model.layers.0.self_attn.q_proj"]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    res = layer.get_base_layer().weight
+    assert (res.dtype, a.dtype, b.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    s = cfg.alpha / cfg.rank
+    u, sv, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    root = (sv[:4] / s).sqrt()
+    b64, a64 = u[:, :4] * root, root[:, None] * vh[:4]
+    assert torch.equal(res, (w0.double() - s * (b64 @ a64)).bfloat16())
+    assert torch.equal(a, a64.float()) and torch.equal(b, b64.float())
+    with torch.no_grad():
+        out = pm(input_ids=x).logits.float()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_lora_clients_of_different_dtypes_are_refused_by_name():
+    """A bfloat16 base and a float32 base are different bases (their digests cover the bytes
+    and the dtype): the server refuses to average adapters across them and says what to align."""
+    from fedtune.models import place
+
+    spec, cfg, pm32 = prepared("fedit", tiny_llama())
+    pm16 = prepared("fedit", place(tiny_llama(), torch.bfloat16, torch.device("cpu")))[2]
+    server = spec.make_server(cfg, trainable_state(pm32), 0, "examples")
+    c32, c16 = spec.make_client(cfg, pm32, 0), spec.make_client(cfg, pm16, 0)
+    down = server.download(0, None)
+    ups = [Upload(0, 8, c32.fit(down, lm_data(0), ctx(0, 0, LM_TASK))),
+           Upload(1, 8, c16.fit(down, lm_data(1), ctx(0, 1, LM_TASK)))]
+    with pytest.raises(wire.MessageError, match=r"client 1: frozen base weights differ.*"
+                                                r"model\.dtype"):
+        server.aggregate(0, ups)
+    assert server.round == 0
+
+
 def test_fedit_init_is_peft_lora_seeded_by_run_seed():
     _, _, p1 = prepared("fedit", tiny_llama())
     _, _, p2 = prepared("fedit", tiny_llama())
@@ -418,7 +463,10 @@ def test_engine_run_on_tiny_classifier_sends_the_head(pooling, tmp_path):
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
 
-    overrides = {"model.source": "tiny", "model.tiny_hidden": 32, "data.source": "rotten_tomatoes",
+    from .conftest import TEST_DEVICE
+
+    overrides = {"model.source": "tiny", "model.device": TEST_DEVICE, "model.tiny_hidden": 32,
+                 "data.source": "rotten_tomatoes",
                  "data.task": "classification", "data.max_length": 32, "data.max_examples": 160,
                  "partition.scheme": "dirichlet", "partition.num_clients": 4,
                  "partition.alpha": 0.5, "federation.rounds": 2, "train.local_steps": 2,

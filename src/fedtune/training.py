@@ -1,4 +1,10 @@
-"""First-order local training, shared by FedAvg, Ferret, FedIT and FeDeRA."""
+"""First-order local training, shared by FedAvg, Ferret, FedIT and FeDeRA.
+
+It runs where the model is, in the model's dtype: batches are moved to the model's device by the
+task, the loss is computed in float32 from upcast logits, gradients and optimiser state have the
+parameters' dtype. A bfloat16 parameter keeps 8 significant bits, so an SGD step smaller than
+half its spacing (|w| / 256) is lost; with small learning rates prefer a float32 model or LoRA
+(whose adapters peft keeps in float32)."""
 
 from __future__ import annotations
 

@@ -40,9 +40,9 @@ class PerClientTransport:
         return results
 
 
-def per_client_run(cfg: ExperimentConfig, run_dir: Path) -> list[dict]:
+def per_client_run(cfg: ExperimentConfig, run_dir: Path,
+                   transport: type[PerClientTransport] = PerClientTransport) -> list[dict]:
     exp = ex.setup(cfg)
     server = ex.build_server(exp, ex.build_model(exp))
     evaluator = ex.build_client(exp, ex.build_model(exp))
-    return federate(exp, server, evaluator, PerClientTransport(exp), run_dir,
-                    out=Progress(False))
+    return federate(exp, server, evaluator, transport(exp), run_dir, out=Progress(False))

@@ -6,6 +6,10 @@ saw) goes to the shared client half, which trains and returns its upload; the se
 the client half syncs to the new global model and the engine evaluates it. Byte counts are the
 lengths of the messages; times are per phase; the checkpoint is written after every round, so
 ``run(..., resume=True)`` continues a killed run and ends where an uninterrupted one would.
+
+The process holds one copy of the model, on ``model.device`` in ``model.dtype``
+(``experiment.build_model``); batches go to it, messages and checkpoints stay on the CPU. On a
+GPU the rows also carry ``peak_gpu_mb`` (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ def _eval_point(exp: ex.Experiment, model, round_: int, generate_now: bool) -> d
                        labels=exp.labels, generate_now=generate_now)
     metrics["time_eval"] = time.perf_counter() - t0
     return metrics
+
+
+def _gpu_memory(model) -> dict[str, float]:
+    """``peak_gpu_mb``: the most this process's CUDA allocator held on the model's GPU since
+    the start (``torch.cuda.max_memory_allocated``); nothing for a model on the CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def _generate_now(cfg: ExperimentConfig, round_done: int) -> bool:
@@ -159,11 +172,13 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         out.line(f"resumed {run_dir} at round {start}/{cfg.federation.rounds}")
     else:
         save_config(cfg, log.dir / "config.yaml")
-        out.line(f"fedtune: {cfg.method.name} on {cfg.data.source} with {cfg.model.source}, "
+        param = next(model.parameters())
+        out.line(f"fedtune: {cfg.method.name} on {cfg.data.source} with {cfg.model.source} "
+                 f"({param.device}, {str(param.dtype).removeprefix('torch.')}), "
                  f"{len(exp.clients)} clients, {cfg.federation.rounds} rounds, "
                  f"{n_params:,} trainable parameters -> {run_dir}")
         row = {"round": 0, **_eval_point(exp, model, 0, _generate_now(cfg, 0)),
-               "peak_rss_mb": peak_rss_mb()}
+               "peak_rss_mb": peak_rss_mb(), **_gpu_memory(model)}
         rows.append(row)
         log.write_metrics(rows)
         out.line(_describe(row))
@@ -214,6 +229,7 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
             **{f"time_{k}": v for k, v in sorted(times.items())},
             "time_round": time.perf_counter() - t_round,
             "peak_rss_mb": peak_rss_mb(),
+            **_gpu_memory(model),
             **{f"method_{k}": v for k, v in method_metrics.items()},
         })
         rows.append(row)
@@ -226,7 +242,8 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
     if cfg.output.save_model:
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()},
+        save_file({n: p.detach().cpu().contiguous()
+                   for n, p in trainable_parameters(model).items()},
                   str(log.dir / "model.safetensors"))
     summary = summarise(cfg, rows, time.perf_counter() - t_start)
     summary["trainable_params"] = n_params
@@ -277,6 +294,7 @@ def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) ->
         "bytes_down_total": sum(r.get("bytes_down_total", 0) for r in trained),
         "wall_time_s": wall,
         "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in rows),
+        **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in rows)} if "peak_gpu_mb" in last else {}),
         "rouge_scorer": SCORER_NAME,
     }
 

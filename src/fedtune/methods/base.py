@@ -62,13 +62,22 @@ class FitContext:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time the block; with CUDA in use, its queued kernels are waited for at both ends
+        (CUDA runs asynchronously: otherwise a phase's work would be billed to the next)."""
         import time
 
+        _sync_cuda()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            _sync_cuda()
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class Server(Protocol):

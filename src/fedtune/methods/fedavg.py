@@ -4,6 +4,16 @@ server takes the average weighted by client size (McMahan et al., 2017).
 Download: the global trainable weights. Upload: the client's trainable weights after local
 training. Both are named-tensor messages (``wire.pack_tensors``), so the bytes counted are the
 model's size (plus a name table).
+
+Precision and place. The server keeps the global weights in float32 on the CPU whatever the
+model's dtype and device, and averages in float32: each upload is widened to float32 and added
+with its weight into a float32 accumulator, and the result is rounded to the wire dtype once, when
+the download is encoded (averaging in bfloat16 would round after every client). A client copies
+the download into its own parameters, in its own dtype on its own device (one more rounding for
+a bfloat16 model), trains in that dtype, and widens or rounds its weights to the wire dtype.
+The wire dtype (``wire_dtype``) is the federation's, part of the method config; the model dtype
+is each party's own, so a bfloat16 client and a float32 server (or client) work together: a
+bfloat16 weight widened to a float32 wire is exact.
 """
 
 from __future__ import annotations
@@ -68,8 +78,9 @@ class WeightsServer:
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], weighting: str):
         self.cfg = cfg
         self.weighting = weighting
-        self.weights = {n: t.detach().clone().float() for n, t in initial.items()}
-        self.dtypes = {n: t.dtype for n, t in initial.items()}
+        # float32 on the CPU, whatever the model's dtype and device (see the module docstring)
+        self.weights = {n: t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                        for n, t in initial.items()}
         self.round = 0
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -112,7 +123,8 @@ class WeightsServer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round = int(state["round"])
-        self.weights = {n: t.clone() for n, t in state["weights"].items()}
+        self.weights = {n: t.to(device="cpu", dtype=torch.float32, copy=True)
+                        for n, t in state["weights"].items()}
 
 
 class WeightsClient:
@@ -137,7 +149,7 @@ class WeightsClient:
         reader.done()
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(tensors[n])
+                p.copy_(tensors[n])  # to the parameter's device and dtype
         self.round = header.round
 
     def fit(self, download: bytes, data, ctx: FitContext) -> bytes:
@@ -146,7 +158,9 @@ class WeightsClient:
             local_train(self.model, data, ctx)
         with ctx.phase("encode"):
             wd = WIRE_DTYPES[self.cfg.wire_dtype]
-            body = wire.tensor_parts({n: p.detach().to(wd) for n, p in self.params.items()})
+            # cast on the way to the CPU: no wire-dtype copy of the model on the GPU
+            body = wire.tensor_parts({n: p.detach().to(device="cpu", dtype=wd)
+                                      for n, p in self.params.items()})
             return wire.frame(self.method_id, wire.UP, ctx.round, [self.upload_prefix, *body])
 
 

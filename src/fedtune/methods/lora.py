@@ -23,6 +23,16 @@ upload carries a SHA-256 digest of the client's frozen adapted-module weights; t
 first digest it accepts and rejects an upload whose base differs, instead of silently averaging
 adapters that sit on different residuals.
 
+Precision and place. The base model keeps ``model.dtype`` and ``model.device``; peft makes the
+adapters float32 even on a bfloat16/float16 base (``autocast_adapter_dtype``, its default: the
+adapter path computes in float32 and casts its output to the base's dtype), so the tensors that
+are trained, sent and averaged are float32 everywhere. The server is FedAvg's: float32 on the
+CPU, averaging in float32, rounding to the wire dtype once. FeDeRA's SVD and residual are always
+computed on the CPU in float64 (the same bytes whatever the device), then rounded once to the base
+weight's dtype and put on its device. The frozen base's digest covers its dtype, so clients whose
+bases differ in dtype (one bfloat16, one float32) are refused as bases that differ: every client
+of a LoRA federation uses the same ``model.dtype`` (the server's own dtype does not matter).
+
 Upload = ``digest (32 bytes) | named tensors``; download = FedAvg's named tensors.
 """
 
@@ -112,15 +122,16 @@ def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]
 
 @torch.no_grad()
 def svd_init_(model: torch.nn.Module) -> None:
-    """FeDeRA / PiSSA initialisation of every LoRA layer, deterministically (float64, one
-    thread, rounded once to the weight's dtype)."""
+    """FeDeRA / PiSSA initialisation of every LoRA layer, deterministically (on the CPU in
+    float64 on one thread, whatever the model's device and dtype; each result rounded once to
+    its tensor's dtype and copied to its device)."""
     with single_thread():
         for name, layer in lora_layers(model):
             base = layer.get_base_layer()
             if not isinstance(base, torch.nn.Linear):
                 raise TypeError(f"{name}: SVD initialisation needs a Linear layer")
             r, s = layer.r[ADAPTER], layer.scaling[ADAPTER]
-            w = base.weight.detach().to(torch.float64)
+            w = base.weight.detach().to(device="cpu", dtype=torch.float64)
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
             root = (sv[:r] / s).sqrt()
             b = u[:, :r] * root
@@ -199,7 +210,7 @@ class LoraServer(WeightsServer):
             raise wire.MessageError(
                 f"frozen base weights differ from the other clients' (digest {digest.hex()[:12]}"
                 f" vs {self._pending.hex()[:12]}): every client must build the same model and "
-                "residual (same model files, method config and run seed)")
+                "residual (same model files, model.dtype, method config and run seed)")
         return tensors
 
     def aggregate(self, round: int, uploads: list[Upload]) -> dict[str, float]:

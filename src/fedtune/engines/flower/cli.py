@@ -4,8 +4,10 @@
         a SuperLink and N SuperNodes on this machine, one run, everything stopped at the end
     fedtune flower app DIR [CONFIG] [key=value ...] [--out RUN_DIR]
         write a Flower app folder for `flwr run DIR <connection>` (the experiment is in it)
-    fedtune flower supernode --superlink HOST:PORT --partition N [--data-path FILE] ...
-        on a client machine: a SuperNode and its long-lived fedtune ClientApp process
+    fedtune flower supernode --superlink HOST:PORT --partition N [--data-path FILE]
+                             [--device auto|cpu|cuda|cuda:N] [--dtype float32|bfloat16|float16]
+        on a client machine: a SuperNode and its long-lived fedtune ClientApp process; device
+        and dtype are this node's own (default: the experiment's model.device / model.dtype)
     fedtune flower certs DIR --host HOST [--host ...]
         a CA and a SuperLink certificate for HOST (for a trial; use your own CA in production)
 """
@@ -34,6 +36,11 @@ def add_parser(subparsers) -> None:
     loc.add_argument("--tls", action="store_true", help="TLS with a CA generated for the trial")
     loc.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     loc.add_argument("--threads", type=int, default=0, help="torch threads per SuperNode")
+    loc.add_argument("--node-device", action="append", default=[], metavar="P=DEVICE",
+                     help="the model.device of partition P's SuperNode (repeatable; default: "
+                          "the config's, which the ServerApp uses)")
+    loc.add_argument("--node-dtype", action="append", default=[], metavar="P=DTYPE",
+                     help="the model.dtype of partition P's SuperNode (repeatable)")
     loc.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait for the run")
 
     app = sub.add_parser("app", help="write a Flower app folder for `flwr run`")
@@ -55,11 +62,47 @@ def add_parser(subparsers) -> None:
     sn.add_argument("--runtime-port", type=int, default=9094,
                     help="local port between the SuperNode and its ClientApp process")
     sn.add_argument("--threads", type=int, default=0, help="torch threads")
+    sn.add_argument("--device", help="this node's model.device: auto, cpu, cuda or cuda:N "
+                                     "(default: the experiment's)")
+    sn.add_argument("--dtype", choices=DTYPE_CHOICES,
+                    help="this node's model.dtype (default: the experiment's)")
 
     certs = sub.add_parser("certs", help="a trial CA and SuperLink certificate")
     certs.add_argument("dir")
     certs.add_argument("--host", action="append", default=[],
                        help="name or IP the SuperNodes use to reach the SuperLink (repeatable)")
+
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def _check_device(value: str, what: str) -> str:
+    from fedtune.config import DEVICE, ConfigError
+
+    if DEVICE.fullmatch(value) is None:
+        raise ConfigError(f"{what}: {value!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _per_node(items: list[str], what: str, check) -> dict[int, str]:
+    """``["0=cuda:0", "1=cpu"]`` -> {0: "cuda:0", 1: "cpu"}, each value checked."""
+    from fedtune.config import ConfigError
+
+    out = {}
+    for item in items:
+        part, sep, value = item.partition("=")
+        if not sep or not part.strip().isdigit():
+            raise ConfigError(f"{what} {item!r}: use PARTITION=VALUE, e.g. 0=cuda:0")
+        out[int(part)] = check(value.strip(), f"{what} {item}")
+    return out
+
+
+def _check_dtype(value: str, what: str) -> str:
+    from fedtune.config import ConfigError
+
+    if value not in DTYPE_CHOICES:
+        raise ConfigError(f"{what}: {value!r} is not a dtype; use {', '.join(DTYPE_CHOICES)}")
+    return value
 
 
 def _load(items: list[str]):
@@ -83,10 +126,12 @@ def _local(args) -> int:
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     workdir = Path(args.workdir) if args.workdir else run_dir / "flower"
     n = args.nodes or cfg.partition.num_clients
+    devices = _per_node(args.node_device, "--node-device", _check_device)
+    dtypes = _per_node(args.node_dtype, "--node-dtype", _check_dtype)
     print(f"fedtune flower: SuperLink and {n} SuperNodes on 127.0.0.1 (logs in {workdir / 'logs'})",
           file=sys.stderr)
     with LocalFederation(workdir, list(range(n)), tls=args.tls, auth=args.auth,
-                         threads=args.threads) as fed:
+                         threads=args.threads, devices=devices, dtypes=dtypes) as fed:
         run_id = fed.submit(cfg, run_dir)
         print(f"fedtune flower: run {run_id} -> {run_dir} (follow it with: FLWR_HOME="
               f"{fed.env['FLWR_HOME']} flwr log {run_id} fedtune-local)", file=sys.stderr)
@@ -107,12 +152,13 @@ def _app(args) -> int:
 
 
 def _supernode(args) -> int:
-    from fedtune.engines.flower.common import NODE_DATA_PATH, NODE_PARTITION, offline_env
+    from fedtune.engines.flower.common import node_config_text, offline_env
     from fedtune.engines.flower.launch import _bin
 
-    node_config = f"{NODE_PARTITION}={args.partition}"
-    if args.data_path:
-        node_config += f' {NODE_DATA_PATH}="{Path(args.data_path).resolve()}"'
+    device = _check_device(args.device, "--device") if args.device else None
+    node_config = node_config_text(
+        args.partition, str(Path(args.data_path).resolve()) if args.data_path else None,
+        device, args.dtype)
     cmd = [_bin("flower-supernode"), "--superlink", args.superlink, "--isolation", "process",
            "--host", "127.0.0.1", "--port", str(args.runtime_port), "--node-config", node_config]
     if args.root_certificates:

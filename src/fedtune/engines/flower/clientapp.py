@@ -3,6 +3,8 @@
 A SuperNode is one fedtune client: ``--node-config 'partition-id=3'`` says which partition of the
 experiment's data it trains on, or ``data-path="/data/mine.jsonl"`` gives it its own local
 instruction data (Alpaca/Dolly JSONL; every example is training data, the server evaluates).
+``device="cuda:1"`` and ``dtype="bfloat16"`` set this node's ``model.device`` and ``model.dtype``
+(each party's own; the ServerApp uses the experiment's).
 
 Methods assume a persistent client half (FedKSeed's and Ferret's downloads only carry what the
 client is missing since the round it last synced), so the half and its model are kept in this
@@ -35,6 +37,7 @@ from fedtune.engines.flower.common import (
     NODE_DATA_PATH,
     NODE_PARTITION,
     config_from_run,
+    node_overrides,
 )
 from fedtune.engines.flower.records import pack, unpack
 from fedtune.methods.base import FitContext
@@ -82,8 +85,7 @@ def client_half(context: Context) -> _Half:
                          f"with --node-config '{NODE_PARTITION}=N'")
     cid = int(context.node_config[NODE_PARTITION])
     path = str(context.node_config.get(NODE_DATA_PATH) or "")
-    cfg, key = config_from_run(context.run_config,
-                               [f"data.path={path}", "data.source=jsonl"] if path else [])
+    cfg, key = config_from_run(context.run_config, node_overrides(context.node_config))
     key = f"{context.run_id}/{key}/{cid}/{path}"
     if key in _HALF:
         _HALF.move_to_end(key)

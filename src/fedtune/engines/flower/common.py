@@ -40,6 +40,33 @@ those that answered; the others count as dropped when sampled)."""
 # Node config keys (flower-supernode --node-config).
 NODE_PARTITION = "partition-id"
 NODE_DATA_PATH = "data-path"
+NODE_DEVICE = "device"
+"""This SuperNode's ``model.device`` (default: the experiment's)."""
+NODE_DTYPE = "dtype"
+"""This SuperNode's ``model.dtype`` (default: the experiment's)."""
+
+
+def node_overrides(node_config) -> list[str]:
+    """The experiment overrides a SuperNode's node config asks for: its own data file, device
+    and dtype. Device and dtype are each party's own (the wire dtype is the federation's)."""
+    out = []
+    path = str(node_config.get(NODE_DATA_PATH) or "")
+    if path:
+        out += [f"data.path={path}", "data.source=jsonl"]
+    for key, field in ((NODE_DEVICE, "model.device"), (NODE_DTYPE, "model.dtype")):
+        if str(node_config.get(key) or ""):
+            out.append(f"{field}={node_config[key]}")
+    return out
+
+
+def node_config_text(partition: int, data_path: str | None = None, device: str | None = None,
+                     dtype: str | None = None) -> str:
+    """The ``flower-supernode --node-config`` value for a fedtune SuperNode."""
+    text = f"{NODE_PARTITION}={partition}"
+    for key, value in ((NODE_DATA_PATH, data_path), (NODE_DEVICE, device), (NODE_DTYPE, dtype)):
+        if value:
+            text += f' {key}="{value}"'
+    return text
 
 APP_REF_SERVER = "fedtune.engines.flower.serverapp:app"
 APP_REF_CLIENT = "fedtune.engines.flower.clientapp:app"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig
-from fedtune.engines.flower.common import NODE_PARTITION, offline_env, write_app
+from fedtune.engines.flower.common import node_config_text, offline_env, write_app
 
 CONNECTION = "fedtune-local"
 
@@ -135,6 +135,10 @@ class LocalFederation:
     data_paths: dict[int, str] = field(default_factory=dict)
     threads: int = 0
     """torch threads per ClientApp worker (0: torch's default)."""
+    devices: dict[int, str] = field(default_factory=dict)
+    """partition -> that SuperNode's model.device (default: the experiment's)."""
+    dtypes: dict[int, str] = field(default_factory=dict)
+    """partition -> that SuperNode's model.dtype (default: the experiment's)."""
     own_worker: bool = True
     """SuperNodes with ``--isolation process`` and a long-lived fedtune ClientApp worker; False:
     Flower's default ``--isolation subprocess`` (a new ClientApp process per message)."""
@@ -229,10 +233,9 @@ class LocalFederation:
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--isolation",
                "process" if self.own_worker else "subprocess",
                "--host", "127.0.0.1", "--port", str(node.runtime_port)]
-        node_config = f"{NODE_PARTITION}={partition}"
-        if node.data_path:
-            node_config += f' data-path="{node.data_path}"'
-        cmd += ["--node-config", node_config]
+        cmd += ["--node-config", node_config_text(partition, node.data_path,
+                                                   self.devices.get(partition),
+                                                   self.dtypes.get(partition))]
         if self.tls:
             cmd += ["--root-certificates", str(self.certs["ca"])]
         else:
