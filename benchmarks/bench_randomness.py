@@ -135,11 +135,13 @@ def fedkseed_step(model, cfg, reps: int) -> list[dict]:
 
     rows = []
     two_fwd = 2 * statistics.median([best(fwd, 1) for _ in range(reps)])
-    for dist in ("rademacher", "gaussian"):
-        stepper = ZOStepper(params, 5e-4, 1e-12, dist, "inplace")
-        step = statistics.median([best(partial(stepper.step, 1, fwd), 1) for _ in range(reps)])
-        rows.append({"dist": dist, "two_forward_s": two_fwd, "step_s": step,
-                     "ratio": step / two_fwd})
+    for mode in ("inplace", "onthefly"):
+        for dist in ("rademacher", "gaussian"):
+            stepper = ZOStepper(params, 5e-4, 1e-12, dist, mode, model)
+            step = statistics.median([best(partial(stepper.step, 1, fwd), 1)
+                                      for _ in range(reps)])
+            rows.append({"mode": mode, "dist": dist, "two_forward_s": two_fwd, "step_s": step,
+                         "ratio": step / two_fwd})
     return rows
 
 
@@ -183,10 +185,10 @@ def markdown_cpu(rows, steps, env) -> str:
                    f"{r['v3'] / v2:.2f} |" if v2 else
                    f"| {r['what']} | {r['dist']} | - | {r['v3'] / 1e6:,.0f} | - |")
     out += ["", "## One FedKSeed in-place step on SmolLM2-135M (batch 1 x 256 tokens)", "",
-            "| distribution | 2 forward passes (s) | step (s) | step / 2 forward |",
-            "|---|---|---|---|"]
-    out += [f"| {s['dist']} | {s['two_forward_s']:.3f} | {s['step_s']:.3f} | {s['ratio']:.2f} |"
-            for s in steps]
+            "| mode | distribution | 2 forward passes (s) | step (s) | step / 2 forward |",
+            "|---|---|---|---|---|"]
+    out += [f"| {s['mode']} | {s['dist']} | {s['two_forward_s']:.3f} | {s['step_s']:.3f} | "
+            f"{s['ratio']:.2f} |" for s in steps]
     return "\n".join(out)
 
 

@@ -129,6 +129,36 @@ def test_bfloat16_run_trains_and_stays_bfloat16(method, jsonl_data, tmp_path):
     assert all(torch.equal(saved[n], p.detach()) for n, p in trained.items())
 
 
+@pytest.mark.parametrize("method", ["ferret", "fedkseed", "fedkseed_pro", "fedzo"])
+def test_bfloat16_run_of_the_seed_based_methods(method, jsonl_data, tmp_path):
+    """The seed-based methods in bfloat16 through the in-process engine: finite losses, the
+    weights moved and stayed bfloat16; Ferret's server rebuilds bit for bit the model a client
+    syncs to (the same fused reconstruction, rounded once into bfloat16 on both sides)."""
+    from fedtune import experiment as ex
+    from fedtune.engines.inprocess import LocalTransport, Progress, federate
+    from fedtune.methods.base import trainable_parameters, trainable_state
+
+    extra = {"method.k": 64} if method == "ferret" else {"method.k": 16} if "kseed" in method \
+        else {}
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+        "model.dtype": "bfloat16", "method.name": method, "eval.generate": False, **extra}))
+    exp = ex.setup(cfg)
+    model = ex.build_model(exp)
+    client, server = ex.build_client(exp, model), ex.build_server(exp, model)
+    w0 = trainable_state(model)
+    rows = federate(exp, server, client, LocalTransport(exp, client, Progress(False)),
+                    tmp_path / "run", out=Progress(False))
+    assert all(math.isfinite(r["eval_loss"]) for r in rows)
+    trained = trainable_parameters(model)
+    assert {p.dtype for p in trained.values()} == {torch.bfloat16}
+    assert any(not torch.equal(p.detach(), w0[n]) for n, p in trained.items())
+    if method == "ferret":
+        fresh = ex.build_client(exp, ex.build_model(exp))
+        fresh.sync(server.download(server.round, None))
+        for n, p in trainable_parameters(fresh.model).items():
+            assert torch.equal(p.detach().view(torch.int16), server.weights[n].view(torch.int16))
+
+
 def test_bfloat16_evaluation_loss_is_computed_in_float32(jsonl_data, tmp_path):
     """The loss of a bfloat16 model is the float32 cross-entropy of its upcast logits (summed in
     float64), and close to the float32 model's."""

@@ -27,7 +27,7 @@ from fedtune.methods.fedkseed import (
     spec_fedkseed_pro,
 )
 from fedtune.methods.zo import ZOStepper
-from fedtune.randomness import derive_seed, directions
+from fedtune.randomness import add_directions_, derive_seed, directions
 from fedtune.tasks import CausalLMTask, ClientData
 
 RUN_SEED = 11
@@ -149,14 +149,68 @@ def test_zo_step_arithmetic_inplace_equals_keep():
         assert torch.allclose(p.detach(), after_inplace[n], atol=1e-6)
 
 
-def test_non_finite_step_is_skipped_and_model_restored():
+@pytest.mark.parametrize("mode", ["onthefly", "inplace"])
+def test_non_finite_step_is_skipped_and_model_restored(mode):
     model = tiny_llama()
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stepper = ZOStepper(list(trainable_parameters(model).values()), 1e-3, 1.0)
+    stepper = ZOStepper(list(trainable_parameters(model).values()), 1e-3, 1.0, mode=mode,
+                        model=model)
     res = stepper.step(5, lambda: torch.tensor(float("nan")))
     assert res.g is None
     for n, p in model.named_parameters():
-        assert torch.allclose(p.detach(), w[n], atol=1e-6)
+        if mode == "onthefly":  # the stored weights were never touched
+            assert torch.equal(p.detach(), w[n])
+        else:
+            assert torch.allclose(p.detach(), w[n], atol=1e-6)
+
+
+def test_onthefly_forward_sees_the_perturbed_weights_and_the_update_is_one_add():
+    model = tiny_llama()
+    batch = TASK.collate(client_data(0).examples[:2])
+    params = list(trainable_parameters(model).values())
+    w = [p.detach().clone() for p in params]
+    eps, eta, seed = 1e-3, 1e-2, 77
+    seen = []
+    res = ZOStepper(params, eps, eta, "gaussian", "onthefly", model).step(
+        seed, lambda: seen.append(float(TASK.loss(model, batch))) or seen[-1])
+    after = [p.detach().clone() for p in params]
+    # the same perturbed weights materialised by hand give bit-identical losses
+    for sign, loss in zip((1, -1), seen):
+        with torch.no_grad():
+            for p, w0 in zip(params, w):
+                p.copy_(w0)
+            add_directions_(params, [(seed, sign * eps)], "gaussian")
+        with torch.no_grad():
+            assert float(TASK.loss(model, batch)) == loss
+    # and the weights moved by exactly one fused add of -eta g z from w
+    ref = [w0.clone() for w0 in w]
+    add_directions_(ref, [(seed, -eta * res.g)], "gaussian")
+    assert all(torch.equal(a, b) for a, b in zip(after, ref))
+
+
+def test_bfloat16_weights_are_restored_exactly_by_onthefly_steps():
+    """MeZO's in-place w + eps z - 2 eps z + eps z is not w in bfloat16; on-the-fly steps never
+    write the perturbation, so steps with a zero update leave every bit in place."""
+    from fedtune.models import place
+
+    model = place(tiny_llama(), torch.bfloat16, torch.device("cpu"))
+    batch = TASK.collate(client_data(0).examples[:2])
+    params = list(trainable_parameters(model).values())
+    w = [p.detach().clone() for p in params]
+    stepper = ZOStepper(params, 1e-2, 1e-3, "gaussian", "onthefly", model)
+    stepper.eta = 0.0  # a step with eta = 0: only the perturbations happen
+    for seed in range(20):
+        res = stepper.step(seed, lambda: TASK.loss(model, batch))
+        assert res.g is not None and res.g != 0  # the perturbations did change the loss
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(params, w))
+    # the in-place sequence does drift in bfloat16 (why the inplace mode refuses 16-bit)
+    drift = [t.clone() for t in w]
+    for seed in range(5):
+        for alpha in (1e-2, -2e-2, 1e-2):
+            add_directions_(drift, [(seed, alpha)], "gaussian")
+    assert not all(torch.equal(a, b) for a, b in zip(drift, w))
+    with pytest.raises(ValueError, match="onthefly"):
+        ZOStepper(params, 1e-2, 1e-3, "gaussian", "inplace")
 
 
 def test_client_skips_nan_steps_and_uploads_only_good_pairs():

@@ -86,6 +86,21 @@ def test_fused_add_equals_reference_in_every_dtype(dist, dtype, nterms):
     assert np.array_equal(_bits(ref), _bits(want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nterms", [1, 2])
+def test_out_of_place_add_equals_in_place_and_leaves_the_source(dtype, nterms):
+    n = cpu.CHUNK + 300
+    src = torch.randn(n).to(dtype)
+    keep = src.clone()
+    terms = [(3, 1, 0.25), (4, 1, -0.5)][:nterms]
+    out = torch.empty_like(src)
+    R.add_streams_(src, terms, "rademacher", out=out)
+    assert torch.equal(src, keep)
+    assert np.array_equal(_bits(out), _bits(R.add_streams_(src.clone(), terms, "rademacher")))
+    with pytest.raises(ValueError, match="out must match"):
+        R.add_streams_(src, terms, "rademacher", out=torch.empty(n, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rounding_into_16_bit_covers_every_value(dtype):
     # every finite 16-bit pattern plus a random increment, against torch's conversion
@@ -154,9 +169,12 @@ def test_triton_kernels_equal_reference_through_the_interpreter():
             for dt in (torch.float32, torch.bfloat16, torch.float16):
                 t = torch.randn(n).to(dt)
                 want = (t.float() + inc).to(dt)
+                o = torch.empty_like(t)
+                R.add_streams_(t, terms, dist, b, offset=9, backend="triton", out=o)
                 R.add_streams_(t, terms, dist, b, offset=9, backend="triton")
                 v = torch.int16 if dt != torch.float32 else torch.int32
                 assert torch.equal(t.view(v), want.view(v)), (dist, dt)
+                assert torch.equal(o.view(v), want.view(v)), (dist, dt, "out")
             d = torch.randn(n)
             got = R.dot_streams(d, [(5, 1), (6, 2)], dist, b, offset=3, backend="triton")
             ref = R.dot_streams(d, [(5, 1), (6, 2)], dist, b, offset=3, backend="reference")

@@ -104,15 +104,24 @@ def _cpu_view(flat: torch.Tensor):
 
 
 def add_streams_(flat: torch.Tensor, terms: Sequence[tuple[int, int, float]], dist: Distribution,
-                 bound: float | None = None, offset: int = 0,
-                 backend: Backend = "auto") -> torch.Tensor:
+                 bound: float | None = None, offset: int = 0, backend: Backend = "auto",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``flat[i] += sum_j alpha_j z(seed_j, index_j)[offset + i]`` for terms
     ``(seed, index, alpha)``, one pass over ``flat`` (see the module docstring for the rounding).
-    Terms with ``alpha == 0`` are skipped, so an all-zero update leaves ``flat`` bit-identical."""
+    Terms with ``alpha == 0`` are skipped, so an all-zero update leaves ``flat`` bit-identical.
+    With ``out`` (same shape, dtype and device), the sum goes there and ``flat`` is only read:
+    one pass over memory, no copy first."""
     flat = _flat(flat)
+    source = flat
+    if out is not None:
+        if (out.numel(), out.dtype, out.device) != (flat.numel(), flat.dtype, flat.device):
+            raise ValueError("out must match the tensor's size, dtype and device")
+        flat = _flat(out)
     coefs = _coefs(dist, bound)
     terms = [(check_seed(s), int(i), float(a)) for s, i, a in terms if float(a) != 0.0]
     if not terms or flat.numel() == 0:
+        if out is not None:
+            flat.copy_(source)
         return flat
     if offset < 0:
         raise ValueError("offset must be >= 0")
@@ -126,17 +135,18 @@ def add_streams_(flat: torch.Tensor, terms: Sequence[tuple[int, int, float]], di
         if which == "triton":
             from fedtune.kernels import gpu
 
-            gpu.add(flat, offset, k0, k1, index, alpha, code, coefs)
+            gpu.add(flat, source, offset, k0, k1, index, alpha, code, coefs)
         elif which == "cpu":
             from fedtune.kernels import cpu
 
             arr, kind = _cpu_view(flat)
-            cpu.add(arr, kind, offset, k0, k1, index, alpha, code, coefs, cpu.threads())
+            src, _ = _cpu_view(source)
+            cpu.add(arr, src, kind, offset, k0, k1, index, alpha, code, coefs, cpu.threads())
         else:
             from fedtune.kernels import reference
 
             inc = reference.combine(offset + flat.numel(), terms, dist, bound)[offset:]
-            flat.copy_((flat.float() + torch.from_numpy(inc)).to(flat.dtype))
+            flat.copy_((source.float() + torch.from_numpy(inc)).to(flat.dtype))
     return flat
 
 

@@ -188,7 +188,7 @@ def _store(t_ptr, i, x, mask, BF16: tl.constexpr):
 
 
 @triton.jit
-def _add_kernel(t_ptr, n, offset, first_tile, k0_ptr, k1_ptr, idx_ptr, alpha_ptr, nterms,
+def _add_kernel(t_ptr, s_ptr, n, offset, first_tile, k0_ptr, k1_ptr, idx_ptr, alpha_ptr, nterms,
                 coef_ptr, ncoef, DIST: tl.constexpr, FILL: tl.constexpr, BF16: tl.constexpr,
                 BLOCK: tl.constexpr):
     g0 = (first_tile + tl.program_id(0).to(tl.int64)) * BLOCK
@@ -206,7 +206,7 @@ def _add_kernel(t_ptr, n, offset, first_tile, k0_ptr, k1_ptr, idx_ptr, alpha_ptr
                           tl.load(k0_ptr + j).to(tl.uint32), tl.load(k1_ptr + j).to(tl.uint32),
                           coef_ptr, ncoef, DIST, BLOCK)
             acc = acc + tl.load(alpha_ptr + j) * zj
-        _store(t_ptr, i, _load(t_ptr, i, mask, BF16) + acc, mask, BF16)
+        _store(t_ptr, i, _load(s_ptr, i, mask, BF16) + acc, mask, BF16)
 
 
 @triton.jit
@@ -238,9 +238,9 @@ def _args(device, k0, k1, index, coefs):
 _OPTS = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
-def add(target: torch.Tensor, offset: int, k0, k1, index, alpha, dist: int,
-        coefs: np.ndarray) -> None:
-    """Same contract as ``cpu.add`` on a contiguous 1-D tensor (float32, bfloat16 or
+def add(target: torch.Tensor, source: torch.Tensor, offset: int, k0, k1, index, alpha,
+        dist: int, coefs: np.ndarray) -> None:
+    """Same contract as ``cpu.add`` on contiguous 1-D tensors (float32, bfloat16 or
     float16)."""
     n = target.numel()
     first, ntiles = _tiles(n, offset)
@@ -248,7 +248,8 @@ def add(target: torch.Tensor, offset: int, k0, k1, index, alpha, dist: int,
     at = torch.as_tensor(np.asarray(alpha, dtype=np.float32)).to(target.device)
     bf16 = target.dtype == torch.bfloat16
     t = target.view(torch.int16) if bf16 else target
-    _add_kernel[(ntiles,)](t, n, offset, first, k0t, k1t, it, at, len(at), ct, len(ct),
+    src = source.view(torch.int16) if bf16 else source
+    _add_kernel[(ntiles,)](t, src, n, offset, first, k0t, k1t, it, at, len(at), ct, len(ct),
                            DIST=dist, FILL=False, BF16=bf16, BLOCK=BLOCK, **_OPTS)
 
 
@@ -257,7 +258,7 @@ def fill(out: torch.Tensor, offset: int, k0: int, k1: int, index: int, dist: int
     n = out.numel()
     first, ntiles = _tiles(n, offset)
     k0t, k1t, it, ct = _args(out.device, [k0], [k1], [index], coefs)
-    _add_kernel[(ntiles,)](out, n, offset, first, k0t, k1t, it, ct, 1, ct, len(ct),
+    _add_kernel[(ntiles,)](out, out, n, offset, first, k0t, k1t, it, ct, 1, ct, len(ct),
                            DIST=dist, FILL=True, BF16=False, BLOCK=BLOCK, **_OPTS)
 
 

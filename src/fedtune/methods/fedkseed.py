@@ -98,9 +98,12 @@ class Config:
     ``benchmarks/fedkseed.md``."""
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
     """Direction entries: N(0, 1) (the paper) or +-1 (several times faster to generate)."""
-    mode: Literal["inplace", "keep"] = "inplace"
-    """inplace: regenerate the direction for each move (memory of inference, 3 generations per
-    step); keep: one generation per step into a model-sized buffer (one extra model of memory)."""
+    mode: Literal["onthefly", "inplace", "keep"] = "onthefly"
+    """onthefly: each module sees its perturbed weights in a temporary during the forward, the
+    stored weights change only by the update (exact in 16-bit; memory of inference plus one
+    module's tensors); inplace: MeZO's three in-place moves (float32 only); keep: inplace with
+    the direction kept in a model-sized buffer (one extra model of memory). See
+    ``methods.zo``."""
     download: Literal["auto", "dense"] = "auto"
     """auto: send only the seeds changed since the client's round when that is smaller; dense:
     always all K accumulated scalars."""
@@ -305,7 +308,8 @@ class KSeedClient:
         self.k = cfg.k
         self.pool, self.pool_id = make_pool(run_seed, cfg.k)
         self.params = list(trainable_parameters(model).values())
-        self.stepper = ZOStepper(self.params, cfg.eps, cfg.eta, cfg.distribution, cfg.mode)
+        self.stepper = ZOStepper(self.params, cfg.eps, cfg.eta, cfg.distribution, cfg.mode,
+                                 model)
         self.round = 0
         """The global round the model is at, apart from ``pending`` (0 with the initial model:
         ``A(0) = 0``)."""

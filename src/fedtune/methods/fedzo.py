@@ -42,7 +42,7 @@ class Config:
     """Local learning rate (same choice as FedKSeed's for SmolLM2-135M, so the two compare at
     equal step size)."""
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
-    mode: Literal["inplace", "keep"] = "inplace"
+    mode: Literal["onthefly", "inplace", "keep"] = "onthefly"
     """As in ``fedkseed.Config``."""
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of the weights and deltas on the wire."""
@@ -63,7 +63,7 @@ class FedZOClient(WeightsClient):
     def __init__(self, cfg: Config, model: torch.nn.Module):
         super().__init__(cfg, model)
         self.stepper = ZOStepper(list(self.params.values()), cfg.eps, cfg.eta, cfg.distribution,
-                                 cfg.mode)
+                                 cfg.mode, model)
         self.skipped = 0
 
     def _global(self, download: bytes) -> Mapping[str, torch.Tensor]:
