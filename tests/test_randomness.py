@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,17 +165,17 @@ def test_triton_kernels_equal_reference_through_the_interpreter():
             assert R.digest(dist, backend="triton") == spec.DIGESTS[dist], dist
             b = 0.05 if dist == "truncnormal" else None
             n = 3000
-            terms = [(11, 2, 0.5), (2**40 + 3, 2, -1.25)]
-            inc = torch.from_numpy(reference.combine(n + 9, terms, dist, b)[9:])
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
-                t = torch.randn(n).to(dt)
-                want = (t.float() + inc).to(dt)
-                o = torch.empty_like(t)
-                R.add_streams_(t, terms, dist, b, offset=9, backend="triton", out=o)
-                R.add_streams_(t, terms, dist, b, offset=9, backend="triton")
-                v = torch.int16 if dt != torch.float32 else torch.int32
-                assert torch.equal(t.view(v), want.view(v)), (dist, dt)
-                assert torch.equal(o.view(v), want.view(v)), (dist, dt, "out")
+            for terms in ([(11, 2, 0.5), (2**40 + 3, 2, -1.25)], [(2**63 - 5, 1, 0.75)]):
+                inc = torch.from_numpy(reference.combine(n + 9, terms, dist, b)[9:])
+                for dt in (torch.float32, torch.bfloat16, torch.float16):
+                    t = torch.randn(n).to(dt)
+                    want = (t.float() + inc).to(dt)
+                    o = torch.empty_like(t)
+                    R.add_streams_(t, terms, dist, b, offset=9, backend="triton", out=o)
+                    R.add_streams_(t, terms, dist, b, offset=9, backend="triton")
+                    v = torch.int16 if dt != torch.float32 else torch.int32
+                    assert torch.equal(t.view(v), want.view(v)), (dist, dt, len(terms))
+                    assert torch.equal(o.view(v), want.view(v)), (dist, dt, "out")
             d = torch.randn(n)
             got = R.dot_streams(d, [(5, 1), (6, 2)], dist, b, offset=3, backend="triton")
             ref = R.dot_streams(d, [(5, 1), (6, 2)], dist, b, offset=3, backend="reference")
@@ -186,6 +187,46 @@ def test_triton_kernels_equal_reference_through_the_interpreter():
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("dist", R.DISTRIBUTIONS)
+def test_triton_kernels_compile_for_hopper_with_only_correctly_rounded_float_ops(dist):
+    """Compiled ahead of time for sm_90 (no GPU needed): every float32 multiply, add and
+    subtract in the PTX carries an explicit round-to-nearest (which ptxas may not contract
+    into a fused multiply-add), division and square root are the IEEE ones, and the machine
+    code has no FFMA except inside those correctly rounded division and square root sequences
+    (gaussian only)."""
+    import glob
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fedtune.kernels import gpu
+
+    sig = {"t_ptr": "*fp32", "s_ptr": "*fp32", "n": "i64", "offset": "i64", "first_tile": "i64",
+           "k0": "i64", "k1": "i64", "idx": "i64", "alpha": "fp32", "terms_ptr": "*i64",
+           "nterms": "i32", "coef_ptr": "*fp32", "ncoef": "i32", "SINGLE": "constexpr",
+           "DIST": "constexpr", "FILL": "constexpr", "BF16": "constexpr", "BLOCK": "constexpr"}
+    src = ASTSource(fn=gpu._add_kernel, signature=sig, constexprs={
+        "SINGLE": False, "DIST": spec.DIST_CODES[dist], "FILL": False, "BF16": False,
+        "BLOCK": gpu.BLOCK})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(gpu._OPTS_CUDA))
+    ptx = k.asm["ptx"]
+    ops = re.findall(r"\b((?:mul|add|sub|fma|div|sqrt)(?:\.\w+)*\.f32)\b", ptx)
+    assert ops and all(".rn" in op for op in ops), sorted(set(ops))
+    assert not any(op.startswith("fma") for op in ops)
+    tool = glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
+    if tool:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([tool[0], "--dump-sass", f.name], capture_output=True,
+                                  text=True, check=True).stdout
+        assert ("FFMA" in sass) == (dist == "gaussian")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
