@@ -30,6 +30,7 @@ from benchinfo import REPO, environment
 V2_COMMIT = "8c798eb"
 """The last commit with randomness v2."""
 H200_COPY_BYTES_S = 4.3e12
+NOTES = "## Notes"
 
 
 def load_v2() -> tuple[types.ModuleType, types.ModuleType]:
@@ -145,12 +146,12 @@ def fedkseed_step(model, cfg, reps: int) -> list[dict]:
     return rows
 
 
-def gpu_throughput(n: int, reps: int) -> list[dict]:
+def device_throughput(n: int, reps: int, device: str) -> list[dict]:
     from fedtune import randomness as R
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        t = torch.zeros(n, dtype=dtype, device="cuda")
+        t = torch.zeros(n, dtype=dtype, device=device)
         traffic = 2 * t.element_size() * n
         copy = best(partial(t.add_, 0), reps)
         rows.append({"what": "in-place add (t += 0)", "dtype": str(dtype), "dist": "-",
@@ -168,7 +169,8 @@ def gpu_throughput(n: int, reps: int) -> list[dict]:
                              "entries_s": n / s, "bandwidth_fraction": t.element_size() * n / s
                              / H200_COPY_BYTES_S})
         del t
-        torch.cuda.empty_cache()
+        if device != "cpu":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -198,21 +200,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--entries", type=int, default=1_200_000_000, help="GPU tensor size")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--kernels", action="store_true",
+                    help="the device table (what --device cuda prints) on --device itself")
     args = ap.parse_args()
     env = environment()
-    if args.device == "cuda":
+    if args.device == "cuda" or args.kernels:
         from fedtune import randomness as R
         from fedtune.kernels import spec
 
-        digests = {d: R.digest(d, device="cuda") == spec.DIGESTS[d] for d in R.DISTRIBUTIONS}
-        print("CUDA digests equal the pinned CPU ones:", digests, flush=True)
-        rows = gpu_throughput(args.entries, args.reps)
+        digests = {d: R.digest(d, device=args.device) == spec.DIGESTS[d]
+                   for d in R.DISTRIBUTIONS}
+        print(f"{args.device} digests equal the pinned ones:", digests, flush=True)
+        rows = device_throughput(args.entries, args.reps, args.device)
         for r in rows:
             print(f"{r['what']:<24} {r['dtype']:<15} {r['dist']:<12} "
                   f"{r['entries_s'] / 1e9:8.1f} G/s  {100 * r['bandwidth_fraction']:5.1f}% of "
                   "4.3 TB/s", flush=True)
-        result = {"env": env, "device": torch.cuda.get_device_name(), "digests": digests,
-                  "rows": rows}
+        name = torch.cuda.get_device_name() if args.device == "cuda" else env["cpu"]
+        result = {"env": env, "device": name, "digests": digests, "rows": rows}
     else:
         params, model, cfg = smollm2_tensors()
         env["n_entries"] = sum(p.numel() for p in params)
@@ -224,7 +229,10 @@ def main() -> None:
                  f"{env['load_avg_at_start']}, torch {env['torch']}, git "
                  f"{env['fedtune_commit']}\n")
         print(text)
-        (REPO / "benchmarks" / "randomness.md").write_text(text)
+        md = REPO / "benchmarks" / "randomness.md"
+        old = md.read_text() if md.exists() else ""
+        notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written, kept
+        md.write_text(text + ("\n" + notes if notes else ""))
         result = {"env": env, "rows": rows, "fedkseed_step": steps}
     out = args.json or REPO / "benchmarks" / f"randomness_{args.device}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
