@@ -6,6 +6,7 @@ uploads rejected without touching the server."""
 from __future__ import annotations
 
 import math
+import struct
 import subprocess
 import sys
 
@@ -365,6 +366,67 @@ def test_malformed_uploads_are_rejected_and_leave_the_server_untouched(mutate, m
         assert torch.equal(after["weights"][n], t)
     server.aggregate(0, [Upload(0, 1, good)])  # the good upload alone still works
     assert server.round == 1
+
+
+def _paper_record(eta=1.0, weight=None, last=None):
+    """Round 1 of a two-round run, rebuilt with a chosen server step, first client weight or
+    last coordinate of the first client."""
+    cfg = Config(k=64)
+    _, server, _, _ = _run(cfg)
+    rec = bytearray(server.log[1])
+    struct.pack_into("<d", rec, 1, eta)
+    if weight is not None:
+        struct.pack_into("<d", rec, 11, weight)
+    if last is not None:  # the first client's last float32 coordinate
+        (length,) = struct.unpack_from("<I", rec, 19)
+        struct.pack_into("<f", rec, 23 + length - 4, last)
+    server.log[1] = bytes(rec)
+    return cfg, server
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"weight": 2.0, "last": 3.4e38}, "weight"),
+    ({"last": 3.4e38, "eta": 10.0}, "overflows float32"),
+    ({"eta": float("nan")}, "server step"),
+    ({"eta": float("inf")}, "server step"),
+    ({"eta": 1e300}, "server step"),
+    ({"eta": -1.0}, "server step"),
+    ({"weight": float("nan")}, "weight"),
+])
+def test_a_bad_record_anywhere_in_a_download_changes_nothing(case, message):
+    """A fresh client syncing from w0 gets two records, the second bad: it raises
+    MessageError and its weights are still w0, bit for bit (record 0 was not applied)."""
+    cfg, server = _paper_record(**case)
+    model = _tiny()
+    w0 = _params(model)
+    client = METHOD.make_client(cfg, model, 0)
+    with pytest.raises(wire.MessageError, match=message):
+        client.sync(server.download(2, None))
+    assert client.round == 0
+    assert all(torch.equal(p, w0[n]) for n, p in _params(model).items())
+
+
+def test_reference_records_with_a_bad_clip_are_refused():
+    cfg = Config(k=64, mode="reference", pool_size=8)
+    _, server, _, _ = _run(cfg, rounds=1)
+    for clip in (float("nan"), -1.0):
+        rec = bytearray(server.log[0])
+        struct.pack_into("<d", rec, 9, clip)
+        server.log[0] = bytes(rec)
+        with pytest.raises(wire.MessageError, match="clip norm"):
+            METHOD.make_client(cfg, _tiny(), 0).sync(server.download(1, None))
+
+
+def test_uploads_are_bounded_by_k():
+    cfg = Config(k=48)
+    server, client, _ = _upload_for(cfg)
+    layout = client.layout
+    big = Config(k=480)
+    counts = [10] * len(layout)
+    body = encode_upload_body(big, Layout(big, list(zip(layout.names, layout.shapes))), 1,
+                              counts, [0.1] * sum(counts))
+    with pytest.raises(wire.MessageError, match="more than method.k = 48"):
+        server.aggregate(0, [Upload(3, 1, wire.frame(5, wire.UP, 0, body))])
 
 
 def test_layout_of_the_wrong_model_is_rejected():

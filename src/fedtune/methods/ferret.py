@@ -74,6 +74,8 @@ MODES = {"paper": 0, "reference": 1}
 COORD_DTYPES = {"float32": 0, "float16": 1}
 _NP_COORD = {0: "<f4", 1: "<f2"}
 POOL_SALT = 0xFE77E7
+MAX_SERVER_LR = 1e6
+"""Largest server step a download may carry (``Config.server_lr`` is checked against it)."""
 INDEX_SALT = 0x1D5
 _UP_HEAD = struct.Struct("<BBBBQIH")  # mode, dtype, width, 0, seed, layout id, L
 
@@ -121,8 +123,8 @@ class Config:
             raise ValueError(f"k = {self.k} must be at least 1")
         if self.min_bases < 1:
             raise ValueError("min_bases must be at least 1")
-        if self.server_lr <= 0:
-            raise ValueError(f"server_lr = {self.server_lr} must be positive")
+        if not 0 < self.server_lr <= MAX_SERVER_LR:
+            raise ValueError(f"server_lr = {self.server_lr} must be in (0, {MAX_SERVER_LR:g}]")
         if not 0 <= self.server_momentum < 1:
             raise ValueError("server_momentum must be in [0, 1)")
         if self.mode == "paper" and self.server_momentum:
@@ -206,6 +208,8 @@ def decode_upload_body(cfg: Config, layout: Layout, body: bytes | memoryview) ->
     if cfg.mode == "reference" and (counts > cfg.pool_size).any():
         raise wire.MessageError(f"more bases in a block than the pool of {cfg.pool_size}")
     total = int(counts.sum())
+    if total > cfg.k:
+        raise wire.MessageError(f"upload has {total} coordinates, more than method.k = {cfg.k}")
     remaining = len(r.body) - r.pos
     size = np.dtype(_NP_COORD[dtype]).itemsize
     if remaining != total * size:
@@ -250,65 +254,87 @@ class Rebuilder:
 
     def apply(self, params: Sequence[torch.Tensor], record: bytes | memoryview) -> None:
         """Decode a round record and subtract eta_s x the weighted reconstruction."""
+        self.write(params, self.terms(record))
+
+    def terms(self, record: bytes | memoryview) -> list[list[tuple[int, int, float]]]:
+        """Decode and validate a round record into each block's reconstruction terms
+        ``(stream seed, basis, alpha)``, touching no weights: a bad record raises
+        ``wire.MessageError`` before anything changes. Every alpha must be finite in float32
+        (the kernels add it in float32)."""
         r = wire.Reader(record)
         (mode,) = r.unpack("B")
         if mode != MODES[self.cfg.mode]:
             raise wire.MessageError(f"round record is for mode {mode}, this run uses "
                                     f"{self.cfg.mode!r}")
-        self._apply(params, r, mode)
-
-    def _apply(self, params: Sequence[torch.Tensor], r: wire.Reader, mode: int) -> None:
         if mode == 0:
             eta, m = r.unpack("dH")
             clients = []
             for _ in range(m):
                 weight, length = r.unpack("dI")
-                upd = decode_upload_body(self.cfg, self.layout, r.take(length))
-                clients.append((weight, upd))
+                if not 0 <= weight <= 1:
+                    raise wire.MessageError(f"client weight {weight} is not in [0, 1]")
+                clients.append((weight, decode_upload_body(self.cfg, self.layout,
+                                                           r.take(length))))
             r.done()
-            self._apply_paper(params, eta, clients)
+            _check_step(eta)
+            plan = self._paper_terms(eta, clients)
         else:
             eta, clip, nnz = r.unpack("ddI")
             idx = r.array("<u4", nnz).astype(np.int64)
             vals = r.array("<f4", nnz)
             wire.check_finite(vals, "reference coordinates")
             r.done()
+            _check_step(eta)
+            if not (np.isfinite(clip) and clip >= 0):
+                raise wire.MessageError(f"clip norm {clip} is not a finite number >= 0")
             if nnz and idx.max() >= self.cfg.pool_size * len(self.layout):
                 raise wire.MessageError("reference record indexes past the seed pool")
-            self._apply_reference(params, eta, clip, idx, vals)
-
-    def _block(self, params: Sequence[torch.Tensor], block: int) -> list[torch.Tensor]:
-        return [params[i] for i in self.layout.groups[block]]
+            plan = self._reference_terms(eta, clip, idx, vals)
+        alphas = np.array([a for block in plan for _, _, a in block], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            if alphas.size and not np.isfinite(alphas.astype(np.float32)).all():
+                raise wire.MessageError("round record's update overflows float32")
+        return plan
 
     @torch.no_grad()
-    def _apply_paper(self, params, eta: float, clients) -> None:
-        """Per block, every client's terms ``-eta w_i gamma_k v_(seed_i,l; k)`` in one pass."""
+    def write(self, params: Sequence[torch.Tensor],
+              plan: Sequence[Sequence[tuple[int, int, float]]]) -> None:
+        """Add each block's terms to its tensors (one fused pass per tensor)."""
+        for block, terms in enumerate(plan):
+            if terms:
+                projection.apply_([params[i] for i in self.layout.groups[block]], terms,
+                                  self.cfg.distribution, self.layout.sizes[block])
+
+    def _paper_terms(self, eta: float, clients) -> list[list[tuple[int, int, float]]]:
+        """Per block, every client's terms ``-eta w_i gamma_k v_(seed_i,l; k)``."""
         offsets = [np.concatenate([[0], np.cumsum(upd.counts)]) for _, upd in clients]
-        for block, d in enumerate(self.layout.sizes):
+        plan = []
+        for block in range(len(self.layout)):
             terms = []
             for (weight, upd), off in zip(clients, offsets):
                 stream = randomness.derive_seed(upd.seed, block)
                 coefs = upd.coords[off[block]: off[block + 1]]
                 terms += [(stream, k, -eta * weight * float(c)) for k, c in enumerate(coefs)]
-            projection.apply_(self._block(params, block), terms, self.cfg.distribution, d)
+            plan.append(terms)
+        return plan
 
-    @torch.no_grad()
-    def _apply_reference(self, params, eta: float, clip: float, idx: np.ndarray,
-                         vals: np.ndarray) -> None:
+    def _reference_terms(self, eta: float, clip: float, idx: np.ndarray,
+                         vals: np.ndarray) -> list[list[tuple[int, int, float]]]:
         nblocks = len(self.layout)
-        by_block: dict[int, list[tuple[int, float]]] = {}
-        for flat, v in zip(idx.tolist(), vals.tolist()):
-            by_block.setdefault(flat % nblocks, []).append((flat // nblocks, v))
-        for block in sorted(by_block):
-            terms = []
-            for k, c in by_block[block]:
-                if clip > 0:
-                    scale = clip / (abs(c) * self.norm(k, block) + 1e-8)
-                    if scale < 1:
-                        c = c * scale
-                terms.append((self.ref_stream(k, block), 0, -eta * c))
-            projection.apply_(self._block(params, block), terms, self.cfg.distribution,
-                              self.layout.sizes[block])
+        plan: list[list[tuple[int, int, float]]] = [[] for _ in range(nblocks)]
+        for flat, c in zip(idx.tolist(), vals.tolist()):
+            k, block = flat // nblocks, flat % nblocks
+            if clip > 0:
+                scale = clip / (abs(c) * self.norm(k, block) + 1e-8)
+                if scale < 1:
+                    c = c * scale
+            plan[block].append((self.ref_stream(k, block), 0, -eta * c))
+        return plan
+
+
+def _check_step(eta: float) -> None:
+    if not (np.isfinite(eta) and 0 < eta <= MAX_SERVER_LR):
+        raise wire.MessageError(f"server step {eta} is not in (0, {MAX_SERVER_LR:g}]")
 
 
 def parse_download(data: bytes, round_: int | None = None) -> tuple[int, list[tuple[int, bytes]]]:
@@ -450,8 +476,9 @@ class FerretClient:
                                     f"{self.round}: ask with since={self.round}")
         t0 = time.perf_counter()
         params = list(self.params.values())
-        for rnd, rec in todo:
-            self.rebuilder.apply(params, rec)
+        plans = [self.rebuilder.terms(rec) for _, rec in todo]  # all valid before any applies
+        for (rnd, _), plan in zip(todo, plans):
+            self.rebuilder.write(params, plan)
             self.round = rnd + 1
         self._time("reconstruct", time.perf_counter() - t0)
 
