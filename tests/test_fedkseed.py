@@ -276,6 +276,7 @@ def _bad(pid, k):
         "index outside the pool": encode_upload(3, 0, pid, np.array([k]), np.array([1.0])),
         "NaN scalar": encode_upload(3, 0, pid, np.array([1]), np.array([np.nan])),
         "infinite scalar": encode_upload(3, 0, pid, np.array([1]), np.array([np.inf])),
+        "scalar above the bound": encode_upload(3, 0, pid, np.array([1]), np.array([3.4e38])),
         "truncated": good[:-1],
         "padded": good + b"\0",
         "count larger than the body": (good[:wire.HEADER_SIZE] + good[wire.HEADER_SIZE:][:4]

@@ -78,6 +78,11 @@ NO_SINCE = 0xFFFFFFFF
 QMAX = 65535
 DOWN_HEAD = struct.Struct("<BIII")  # flags, K, pool id, since
 UP_HEAD = struct.Struct("<II")  # pool id, count
+MAX_SCALAR = 1e6
+"""Largest |g| an upload may carry. g = (L+ - L-) / (2 eps): at eps = 5e-4 this is a loss
+difference of 1e3 between the two perturbations, far past any sound step (|g| is ~40 in the
+benchmarks, 320 at most); a larger one is a broken or hostile client. It also keeps the
+accumulated per-seed sums far inside float32's range (they are sent as float32)."""
 
 
 @dataclass
@@ -222,6 +227,9 @@ def decode_upload(method_id: int, data: bytes, round_: int, k: int,
     if n and indices.max() >= k:
         raise wire.MessageError(f"seed index {int(indices.max())} outside the pool of {k}")
     wire.check_finite(scalars, "upload scalars")
+    if n and np.abs(scalars).max() > MAX_SCALAR:
+        raise wire.MessageError(f"upload scalar {np.abs(scalars).max():.3g} is above the bound "
+                                f"{MAX_SCALAR:g}")
     return indices, scalars
 
 

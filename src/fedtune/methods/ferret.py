@@ -28,7 +28,7 @@ Two modes, so results can be compared with either source:
   ``clip_norm``. The download is that table, so reconstruction costs one pass per pool entry
   used, whatever the number of clients.
 
-Messages (after the 12-byte ``wire`` header):
+Messages (after the 14-byte ``wire`` header):
 
 * upload: ``u8 mode, u8 coordinate dtype (0 f32, 1 f16), u8 count width (1 or 2 bytes),
   u8 0, u64 seed, u32 layout id, u16 L, L counts K_l, sum K_l coordinates``: 4 (or 2) bytes per
@@ -165,7 +165,6 @@ class Layout:
 class ClientUpdate:
     """A decoded upload body."""
 
-    mode: int
     seed: int
     counts: list[int]
     coords: np.ndarray  # float64, scaled as in the mode
@@ -218,7 +217,7 @@ def decode_upload_body(cfg: Config, layout: Layout, body: bytes | memoryview) ->
     coords = r.array(_NP_COORD[dtype], total).astype(np.float64)
     wire.check_finite(coords, "coordinates")
     r.done()
-    return ClientUpdate(mode, int(seed), counts.tolist(), coords, bytes(body))
+    return ClientUpdate(int(seed), counts.tolist(), coords, bytes(body))
 
 
 # --- reconstruction (shared by server and clients) ----------------------------------------------
@@ -457,12 +456,7 @@ class FerretClient:
         self.rebuilder = Rebuilder(cfg, self.layout, run_seed)
         self.round = 0
         """The global round ``self.model`` is at (0: the initial weights)."""
-        self.timings: dict[str, float] = {}
-        """Seconds spent in ``reconstruct`` (sync) and ``project`` since construction."""
         self.last_projection: dict[str, float] = {}
-
-    def _time(self, name: str, seconds: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + seconds
 
     def sync(self, download: bytes) -> None:
         target, records = parse_download(download)
@@ -474,13 +468,11 @@ class FerretClient:
             first = todo[0][0] if todo else target
             raise wire.MessageError(f"download starts at round {first}, this model is at round "
                                     f"{self.round}: ask with since={self.round}")
-        t0 = time.perf_counter()
         params = list(self.params.values())
         plans = [self.rebuilder.terms(rec) for _, rec in todo]  # all valid before any applies
         for (rnd, _), plan in zip(todo, plans):
             self.rebuilder.write(params, plan)
             self.round = rnd + 1
-        self._time("reconstruct", time.perf_counter() - t0)
 
     def block_delta(self, snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
                     block: int) -> list[torch.Tensor]:
@@ -529,9 +521,7 @@ class FerretClient:
                 local_train(self.model, data, ctx)
             seed = randomness.derive_seed(ctx.seed, POOL_SALT)
             with ctx.phase("project"):
-                t0 = time.perf_counter()
                 counts, coords = self.project(snapshot, seed)
-                self._time("project", time.perf_counter() - t0)
         finally:
             with torch.no_grad():  # back to w_r exactly, whatever happened
                 for p, s in zip(params, snapshot):

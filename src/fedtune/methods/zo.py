@@ -197,7 +197,3 @@ class ZOStepper:
         g = (lp - lm) / (2 * self.eps)
         add_directions_(self.params, [(seed, -self.eta * g)], self.dist)
         return StepResult(lp, lm, g)
-
-    def release(self) -> None:
-        """Drop the keep-mode buffer (it is reallocated on the next step)."""
-        self._z = None
