@@ -205,3 +205,76 @@ def test_gpu_run_keeps_the_model_on_the_gpu(method, jsonl_data, tmp_path):
     assert {t.device.type for t in server.weights.values()} == {"cpu"}
     assert all(math.isfinite(r["eval_loss"]) for r in rows) and "rouge_l" in rows[-1]
     assert rows[-1]["peak_gpu_mb"] > 0
+
+
+# --- failures contained -------------------------------------------------------------------------
+
+
+def _federation(jsonl_data, tmp_path, name, **extra):
+    from fedtune import experiment as ex
+    from fedtune.engines.inprocess import LocalTransport, Progress
+
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+        "method.name": "fedavg", "federation.clients_per_round": 1.0, "eval.generate": False,
+        **extra}))
+    exp = ex.setup(cfg)
+    model = ex.build_model(exp)
+    client, server = ex.build_client(exp, model), ex.build_server(exp, model)
+    return exp, model, client, server, LocalTransport(exp, client, Progress(False)), \
+        tmp_path / name
+
+
+@pytest.mark.parametrize("method", ["fedavg", "ferret"])
+def test_a_bad_upload_and_a_non_finite_client_are_rejected_and_the_round_goes_on(
+        method, jsonl_data, tmp_path, monkeypatch):
+    """Client 1's training hits a non-finite loss and client 2's upload is cut by one byte:
+    both are listed under ``rejected`` with the reason, the others are aggregated, and the
+    global model is exactly the one of a federation where clients 1 and 2 never answered."""
+    from fedtune.engines.inprocess import federate
+    from fedtune.methods.base import trainable_parameters
+    from fedtune.training import NonFiniteLossError
+
+    extra = {"method.k": 64} if method == "ferret" else {}
+    exp, model, client, server, transport, run_dir = _federation(
+        jsonl_data, tmp_path, "bad", **{"method.name": method, **extra})
+    real_fit = client.fit
+
+    def fit(down, data, ctx):
+        if ctx.client_id == 1:
+            raise NonFiniteLossError(f"client 1 round {ctx.round} step 0: loss is nan")
+        payload = real_fit(down, data, ctx)
+        return payload[:-1] if ctx.client_id == 2 else payload
+
+    monkeypatch.setattr(client, "fit", fit)
+    rows = federate(exp, server, client, transport, run_dir)
+    for row in rows[1:]:
+        assert row["clients"] == [0, 3]
+        reasons = {x["client"]: x["reason"] for x in row["rejected"]}
+        assert set(reasons) == {1, 2}
+        assert "loss is nan" in reasons[1] and "client 2" in reasons[2]
+    bad = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+
+    exp, model, client, server, transport, run_dir = _federation(
+        jsonl_data, tmp_path, "silent", **{"method.name": method, **extra})
+    real = transport.fit_round
+    monkeypatch.setattr(transport, "fit_round", lambda r, downs: real(
+        r, {c: d for c, d in downs.items() if c not in (1, 2)}))
+    rows = federate(exp, server, client, transport, run_dir)
+    assert all(row["dropped"] == [1, 2] and row["rejected"] == [] for row in rows[1:])
+    assert all(torch.equal(p.detach(), bad[n]) for n, p in trainable_parameters(model).items())
+
+
+def test_too_few_acceptable_uploads_stop_the_run_and_keep_the_checkpoint(jsonl_data, tmp_path,
+                                                                          monkeypatch):
+    from fedtune.engines.inprocess import federate
+
+    exp, _model, client, server, transport, run_dir = _federation(
+        jsonl_data, tmp_path, "few", **{"federation.min_clients": 3, "federation.rounds": 2})
+    real_fit = client.fit
+    monkeypatch.setattr(client, "fit", lambda down, data, ctx: (
+        real_fit(down, data, ctx)[:-1] if ctx.round == 1 and ctx.client_id < 2
+        else real_fit(down, data, ctx)))
+    with pytest.raises(RuntimeError, match=r"only 2 of 4 clients answered with an acceptable"):
+        federate(exp, server, client, transport, run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["round"] == 1

@@ -40,7 +40,13 @@ UP = 1
 
 
 class MessageError(ValueError):
-    """A message that cannot be accepted: wrong format, wrong round, wrong shape, NaN, ..."""
+    """A message that cannot be accepted: wrong format, wrong round, wrong shape, NaN, ...
+    ``client_id`` names the client whose upload it was, when one is to blame (the round loop
+    then drops that client and aggregates the others)."""
+
+    def __init__(self, message: str, client_id: int | None = None):
+        super().__init__(message)
+        self.client_id = client_id
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from fedtune import experiment as ex
+from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
 from fedtune.evaluation import SCORER_NAME, evaluate
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
 from fedtune.runlog import RunLog, format_table, peak_rss_mb
+from fedtune.training import NonFiniteLossError
 
 CHECKPOINT_VERSION = 1
 
@@ -89,6 +91,9 @@ class ClientResult:
     download_bytes: int
     train_loss: float
     timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    """Why the client's local work failed (e.g. a non-finite loss); it is then not aggregated
+    and is listed under ``rejected``."""
 
 
 class Transport(Protocol):
@@ -116,7 +121,13 @@ class LocalTransport:
                              on_step=lambda s, loss, label=label: self.out.step(
                                  f"{label}  step {s + 1}  loss {loss:.4f}"))
             t0 = time.perf_counter()
-            payload = self.client.fit(down, self.exp.clients[cid], ctx)
+            try:
+                payload = self.client.fit(down, self.exp.clients[cid], ctx)
+            except NonFiniteLossError as e:
+                results.append(ClientResult(cid, len(self.exp.clients[cid]), b"", len(down),
+                                            float("nan"), error=str(e)))
+                self.out.line(f"{label}  rejected: {e}")
+                continue
             ctx.timings["fit"] = time.perf_counter() - t0
             loss = sum(ctx.losses) / len(ctx.losses) if ctx.losses else float("nan")
             results.append(ClientResult(cid, len(self.exp.clients[cid]), payload, len(down), loss,
@@ -189,25 +200,26 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         t0 = time.perf_counter()
         downloads = {cid: server.download(r, since=last_sync.get(cid)) for cid in sampled}
         times: dict[str, float] = {"download": time.perf_counter() - t0}
-        results = transport.fit_round(r, downloads)
-        dropped = sorted(set(sampled) - {res.client_id for res in results})
-        if len(results) < cfg.federation.min_clients:
-            raise RuntimeError(
-                f"round {r + 1}: only {len(results)} of {len(sampled)} clients answered "
-                f"(federation.min_clients = {cfg.federation.min_clients}); the checkpoint of "
-                f"round {r} is kept, resume when clients are back")
-        for res in results:
+        answered = transport.fit_round(r, downloads)
+        dropped = sorted(set(sampled) - {res.client_id for res in answered})
+        rejected = [{"client": res.client_id, "reason": res.error}
+                    for res in answered if res.error is not None]
+        results = [res for res in answered if res.error is None]
+        for res in answered:
             last_sync[res.client_id] = r
             for k, v in res.timings.items():
                 times[k] = times.get(k, 0.0) + v
         t0 = time.perf_counter()
-        method_metrics = server.aggregate(
-            r, [Upload(res.client_id, res.num_examples, res.payload) for res in results])
+        uploads = [Upload(res.client_id, res.num_examples, res.payload) for res in results]
+        method_metrics, uploads = _aggregate(server, r, uploads, rejected, len(sampled),
+                                             cfg.federation.min_clients)
+        kept = {u.client_id for u in uploads}
+        results = [res for res in results if res.client_id in kept]
         times["aggregate"] = time.perf_counter() - t0
 
         done = r + 1
         row: dict[str, Any] = {"round": done, "clients": [res.client_id for res in results],
-                               "dropped": dropped}
+                               "dropped": dropped, "rejected": rejected}
         if done % cfg.eval.every == 0 or done == cfg.federation.rounds:
             t0 = time.perf_counter()
             # The in-process evaluator is the shared client half (it saw round r's download);
@@ -237,7 +249,8 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
                              "server": server.state_dict(), "last_sync": last_sync,
                              "metrics": rows})
         log.write_metrics(rows)
-        out.line(_describe(row) + (f"  dropped {dropped}" if dropped else ""))
+        out.line(_describe(row) + (f"  dropped {dropped}" if dropped else "")
+                 + (f"  rejected {[x['client'] for x in rejected]}" if rejected else ""))
 
     if cfg.output.save_model:
         from safetensors.torch import save_file
@@ -253,6 +266,28 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         print(summary_table(rows), file=sys.stdout)
         print(_summary_text(summary), file=sys.stdout)
     return rows
+
+
+def _aggregate(server, round_: int, uploads: list[Upload], rejected: list[dict[str, Any]],
+               sampled: int, min_clients: int) -> tuple[dict[str, float], list[Upload]]:
+    """``server.aggregate`` on the uploads that pass: an upload the server refuses
+    (``MessageError`` naming its client) is dropped, with the reason added to ``rejected``, and
+    the rest are aggregated again (a refused aggregate leaves the server as it was). Stops the
+    run when fewer than ``min_clients`` are left: the last checkpoint is kept."""
+    while True:
+        if len(uploads) < min_clients:
+            raise RuntimeError(
+                f"round {round_ + 1}: only {len(uploads)} of {sampled} clients answered with an "
+                f"acceptable update (federation.min_clients = {min_clients}; rejected: "
+                f"{rejected}); the checkpoint of round {round_} is kept, resume when clients "
+                "are back")
+        try:
+            return server.aggregate(round_, uploads), uploads
+        except wire.MessageError as e:
+            if e.client_id is None or e.client_id not in {u.client_id for u in uploads}:
+                raise
+            rejected.append({"client": e.client_id, "reason": str(e)})
+            uploads = [u for u in uploads if u.client_id != e.client_id]
 
 
 def _describe(row: dict[str, Any]) -> str:

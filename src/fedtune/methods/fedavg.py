@@ -51,11 +51,12 @@ def client_weights(uploads: list[Upload], weighting: str) -> list[float]:
 def decode_upload(upload: Upload, decode) -> Any:
     """``decode(upload.payload)``, with a MessageError naming the client if it is bad."""
     if upload.num_examples < 0:
-        raise wire.MessageError(f"client {upload.client_id}: negative example count")
+        raise wire.MessageError(f"client {upload.client_id}: negative example count",
+                                upload.client_id)
     try:
         return decode(upload.payload)
     except wire.MessageError as e:
-        raise wire.MessageError(f"client {upload.client_id}: {e}") from None
+        raise wire.MessageError(f"client {upload.client_id}: {e}", upload.client_id) from None
 
 
 def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
