@@ -115,3 +115,36 @@ def test_bfloat16_client_rounds_the_download_once_and_uploads_exactly():
     up = wire.unpack_tensors(wire.Reader(b"".join(parts)), server.expected())
     for n, p in model.named_parameters():  # widening bfloat16 to the float32 wire is exact
         assert torch.equal(up[n], p.detach().float())
+
+
+def test_hostile_shapes_counts_and_overflows_are_refused_and_change_nothing():
+    import struct
+
+    # a shape whose product overflows 64 bits: refused by name before any data is read
+    body = struct.pack("<IH", 1, 1) + b"w" + struct.pack("<BB", 0, 4) + struct.pack(
+        "<4I", *[65536] * 4)
+    with pytest.raises(wire.MessageError, match="has shape"):
+        wire.unpack_tensors(wire.Reader(body), {"w": ((2, 2), torch.float32)})
+    s = _server()
+    before = {n: t.clone() for n, t in s.weights.items()}
+    cases = {
+        "uploaded twice": [_upload(s, 0, 1, 1.0, 1.0), _upload(s, 0, 1, 1.0, 1.0)],
+        "example count": [_upload(s, 0, 1, 1.0, 1.0), _upload(s, 1, -1, 1.0, 1.0)],
+        "whole number": [_upload(s, 0, 1, 1.0, 1.0),
+                         Upload(1, 2.5, _upload(s, 1, 1, 1.0, 1.0).payload)],
+    }
+    for what, ups in cases.items():
+        with pytest.raises(wire.MessageError, match=what) as err:
+            s.aggregate(0, ups)
+        assert err.value.client_id is not None, what
+        assert s.round == 0 and all(torch.equal(s.weights[n], before[n]) for n in before)
+    # FedZO adds the mean delta to the global weights: finite deltas can still overflow
+    from fedtune.methods.fedzo import METHOD as FEDZO
+    from fedtune.methods.fedzo import Config as ZOConfig
+
+    z = FEDZO.make_server(ZOConfig(), {"a": torch.full((2, 3), 3e38), "b": torch.zeros(4)}, 0,
+                          "equal")
+    with pytest.raises(wire.MessageError, match="overflow") as err:
+        z.aggregate(0, [_upload(z, 0, 1, 1.0, 1.0), _upload(z, 1, 1, 3e38, 1.0)])
+    assert err.value.client_id == 1 and z.round == 0  # the upload that tipped the sum
+    assert torch.equal(z.weights["a"], torch.full((2, 3), 3e38))

@@ -21,6 +21,7 @@ other directions and silently diverge, and for the others it means another fedtu
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -180,7 +181,10 @@ def unpack_tensors(
         if code not in _DTYPE_OF:
             raise MessageError(f"tensor {name}: unknown dtype code {code}")
         shape = reader.unpack(f"{ndim}I") if ndim else ()
-        numel = int(np.prod(shape)) if shape else 1
+        if expected is not None and name in expected and tuple(shape) != tuple(expected[name][0]):
+            raise MessageError(
+                f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected[name][0])}")
+        numel = math.prod(shape)  # Python integers: no overflow for hostile shapes
         arr = reader.array(_NP[code], numel)
         t = torch.from_numpy(arr.copy())
         if code == 2:

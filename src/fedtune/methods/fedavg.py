@@ -50,19 +50,35 @@ def client_weights(uploads: list[Upload], weighting: str) -> list[float]:
 
 def decode_upload(upload: Upload, decode) -> Any:
     """``decode(upload.payload)``, with a MessageError naming the client if it is bad."""
-    if upload.num_examples < 0:
-        raise wire.MessageError(f"client {upload.client_id}: negative example count",
-                                upload.client_id)
     try:
         return decode(upload.payload)
     except wire.MessageError as e:
         raise wire.MessageError(f"client {upload.client_id}: {e}", upload.client_id) from None
 
 
-def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
-    """Decode every upload before any state changes; name the client whose upload is bad."""
+MAX_EXAMPLES = 10**9
+"""Largest example count an upload may report (its aggregation weight comes from it)."""
+
+
+def check_uploads(uploads: list[Upload]) -> None:
+    """One upload per client, each with a whole example count in [0, MAX_EXAMPLES]."""
     if not uploads:
         raise wire.MessageError("no uploads to aggregate")
+    seen: set[int] = set()
+    for u in uploads:
+        if u.client_id in seen:
+            raise wire.MessageError(f"client {u.client_id} uploaded twice in one round",
+                                    u.client_id)
+        seen.add(u.client_id)
+        n = u.num_examples
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_EXAMPLES:
+            raise wire.MessageError(f"client {u.client_id}: example count {n!r} is not a whole "
+                                    f"number in [0, {MAX_EXAMPLES}]", u.client_id)
+
+
+def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
+    """Decode every upload before any state changes; name the client whose upload is bad."""
+    check_uploads(uploads)
     return [decode_upload(u, decode) for u in uploads]
 
 
@@ -103,8 +119,7 @@ class WeightsServer:
     def aggregate(self, round: int, uploads: list[Upload]) -> dict[str, float]:
         if round != self.round:
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
-        if not uploads:
-            raise wire.MessageError("no uploads to aggregate")
+        check_uploads(uploads)
         weights = client_weights(uploads, self.weighting)
         # Uploads are decoded and summed one at a time (memory: one model, not one per client)
         # into a new accumulator; the state changes only once every upload has been accepted.
@@ -114,6 +129,9 @@ class WeightsServer:
             tensors = decode_upload(upload, lambda p: self.decode(p, round))
             for n, t in tensors.items():
                 new[n].add_(t.float(), alpha=w)
+                if not torch.isfinite(new[n]).all():  # finite values can still overflow
+                    raise wire.MessageError(f"client {upload.client_id}: its update makes the "
+                                            f"average of {n!r} overflow", upload.client_id)
             del tensors
         self.weights = new
         self.round += 1
