@@ -467,7 +467,9 @@ def test_in_process_engine_runs_ferret_and_the_final_model_is_the_servers(jsonl_
     for r in rows[1:]:
         assert 18 + 64 * 4 < r["bytes_up_per_client"] < 18 + 64 * 4 + 200
         assert r["time_project"] > 0 and r["method_coordinates"] == 64
-    ckpt = torch.load(tmp_path / "ferret" / "checkpoint.pt", weights_only=False)
+    from fedtune.runlog import RunLog
+
+    ckpt = RunLog(tmp_path / "ferret").load_checkpoint()
     final = load_file(str(tmp_path / "ferret" / "model.safetensors"))
     assert ckpt["server"]["weights"].keys() == final.keys()
     for n, t in ckpt["server"]["weights"].items():

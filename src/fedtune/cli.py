@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.config import ConfigError
     from fedtune.data import DataFileNotFoundError, DataFormatError
     from fedtune.models import ModelNotFoundError
+    from fedtune.runlog import CheckpointError
 
     user_errors = (_UserError, ConfigError, ModelNotFoundError, DataFileNotFoundError,
-                   DataFormatError)
+                   DataFormatError, CheckpointError)
     commands = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods,
                 "config": _cmd_config, "flower": flower_cli.handle}
     try:

@@ -4,7 +4,9 @@
 
     RUN_DIR/config.yaml        the resolved config (what ``--resume`` reads back)
     RUN_DIR/metrics.jsonl      one JSON object per evaluation point (round 0 = before training)
-    RUN_DIR/checkpoint.pt      server state + engine state after the last completed round
+    RUN_DIR/checkpoint.pt      server state + engine state after the last completed round,
+                               with a digest and what run it belongs to (checked on resume)
+    RUN_DIR/checkpoint.prev.pt the round before's (a damaged newest one falls back to it)
     RUN_DIR/summary.json       written at the end: first/last metrics, totals, peak memory
     RUN_DIR/model.safetensors  the final trainable weights (output.save_model)
 
@@ -14,10 +16,12 @@ a run killed at any instant (kill -9 included) leaves the previous complete vers
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import resource
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,50 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+CHECKPOINT_MAGIC = b"FTCK1\n"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (damaged, another run's, another version)."""
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    head = len(CHECKPOINT_MAGIC)
+    if not data.startswith(CHECKPOINT_MAGIC):
+        try:  # a checkpoint of a release before version 3 (plain torch.save)
+            state = torch.load(io.BytesIO(data), weights_only=False)
+        except Exception as e:  # noqa: BLE001 (any unpickling failure means damaged)
+            raise CheckpointError(f"{path} is not a fedtune checkpoint or is damaged "
+                                  f"({type(e).__name__})") from None
+        version = state.get("randomness_version", 2) if isinstance(state, dict) else None
+        raise CheckpointError(
+            f"{path} was written with shared randomness v{version}; this fedtune uses "
+            f"v{RANDOMNESS_VERSION}, under which its seeds rebuild other directions. Start the "
+            "run again, or resume it with the fedtune release that wrote it.")
+    digest, payload = data[head: head + 32], data[head + 32:]
+    if len(digest) < 32 or hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path} is damaged (its content does not match its digest)")
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def _check_identity(path: Path, state: dict[str, Any], identity: dict[str, Any]) -> None:
+    saved = state.get("identity", {})
+    if state.get("randomness_version") != RANDOMNESS_VERSION:
+        raise CheckpointError(f"{path} was written with shared randomness "
+                              f"v{state.get('randomness_version')}, this fedtune uses "
+                              f"v{RANDOMNESS_VERSION}")
+    for key, want in identity.items():
+        if key in saved and saved[key] != want:
+            raise CheckpointError(f"{path} belongs to another run: its {key} is "
+                                  f"{_short(saved[key])}, this run's is {_short(want)}")
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -63,6 +111,7 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.previous_path = self.dir / "checkpoint.prev.pt"
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl with exactly ``rows`` (so a resumed run never keeps the lines
@@ -75,24 +124,42 @@ class RunLog:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_torch_save({**state, "randomness_version": RANDOMNESS_VERSION},
-                          self.checkpoint_path)
+    def save_checkpoint(self, state: dict[str, Any], identity: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint, verified on load by a SHA-256 digest of its content and by
+        ``identity`` (what run it belongs to); the one it replaces is kept as
+        ``checkpoint.prev.pt`` so that a damaged newest one can fall back to it."""
+        buf = io.BytesIO()
+        torch.save({**state, "randomness_version": RANDOMNESS_VERSION,
+                    "identity": identity or {}}, buf)
+        payload = buf.getvalue()
+        if self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, self.previous_path)
+        atomic_write_bytes(self.checkpoint_path,
+                           CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint, or None; refuses one written under another randomness version (its
-        seed log would rebuild other directions: a silently different model)."""
-        if not self.checkpoint_path.exists():
-            return None
-        state = torch.load(self.checkpoint_path, weights_only=False)
-        version = state.get("randomness_version", 2) if isinstance(state, dict) else None
-        if version != RANDOMNESS_VERSION:
-            raise RuntimeError(
-                f"{self.checkpoint_path} was written with shared randomness v{version}; this "
-                f"fedtune uses v{RANDOMNESS_VERSION}, under which its seeds rebuild other "
-                "directions. Start the run again, or resume it with the fedtune release that "
-                "wrote it.")
-        return state
+    def load_checkpoint(self, identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The newest intact checkpoint, or None if there is none. A damaged file (flipped
+        bytes, cut short) falls back to the previous one; a checkpoint of another run
+        (``identity`` differs: another method or settings) or of another randomness version is
+        refused. Raises :class:`CheckpointError` with one line saying what is wrong."""
+        damaged = []
+        for path in (self.checkpoint_path, self.previous_path):
+            if not path.exists():
+                continue
+            try:
+                state = _read_checkpoint(path)
+            except CheckpointError as e:
+                damaged.append(str(e))
+                continue
+            _check_identity(path, state, identity or {})
+            if damaged:
+                print(f"fedtune: {damaged[0]}; resuming from {path.name} (one round earlier)",
+                      file=sys.stderr)
+            return state
+        if damaged:
+            raise CheckpointError("; ".join(damaged) + "; no intact checkpoint is left, so the "
+                                  "run cannot resume (start it again)")
+        return None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_bytes(self.dir / "summary.json",

@@ -28,7 +28,7 @@ from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
 from fedtune.evaluation import SCORER_NAME, evaluate
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
-from fedtune.runlog import RunLog, format_table, peak_rss_mb
+from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
 from fedtune.training import NonFiniteLossError
 
 CHECKPOINT_VERSION = 1
@@ -167,13 +167,15 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
     evaluator_round: int | None = 0  # the global round the evaluator's model was synced to
     start = 0
     n_params = sum(p.numel() for p in trainable_parameters(model).values())
-    ckpt = log.load_checkpoint() if resume else None
+    identity = run_identity(cfg)
+    ckpt = log.load_checkpoint(identity) if resume else None
     if resume and ckpt is None:
         out.line(f"no checkpoint in {run_dir}; starting from round 0")
     if ckpt is not None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"{log.checkpoint_path}: checkpoint version {ckpt.get('version')}, "
-                               f"this fedtune writes {CHECKPOINT_VERSION}")
+            raise CheckpointError(f"{log.checkpoint_path}: checkpoint version "
+                                  f"{ckpt.get('version')}, this fedtune writes "
+                                  f"{CHECKPOINT_VERSION}")
         server.load_state_dict(ckpt["server"])
         start, rows = ckpt["round"], ckpt["metrics"]
         last_sync = {int(k): v for k, v in ckpt["last_sync"].items()}
@@ -247,7 +249,7 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         rows.append(row)
         log.save_checkpoint({"version": CHECKPOINT_VERSION, "round": done,
                              "server": server.state_dict(), "last_sync": last_sync,
-                             "metrics": rows})
+                             "metrics": rows}, identity)
         log.write_metrics(rows)
         out.line(_describe(row) + (f"  dropped {dropped}" if dropped else "")
                  + (f"  rejected {[x['client'] for x in rejected]}" if rejected else ""))
@@ -266,6 +268,19 @@ def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
         print(summary_table(rows), file=sys.stdout)
         print(_summary_text(summary), file=sys.stdout)
     return rows
+
+
+def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this config: the method and its options,
+    the run seed, the model and its dtype, the data and the partition (not the device, the
+    number of rounds or the evaluation settings, which a resumed run may change)."""
+    from dataclasses import asdict
+
+    model = asdict(cfg.model)
+    model.pop("device", None)
+    return {"method": cfg.method.name, "method_config": asdict(cfg.method_config()),
+            "seed": cfg.seed, "model": model, "data": asdict(cfg.data),
+            "partition": asdict(cfg.partition)}
 
 
 def _aggregate(server, round_: int, uploads: list[Upload], rejected: list[dict[str, Any]],
