@@ -76,3 +76,33 @@ def test_resuming_from_a_damaged_run_is_one_line_and_exit_status_2(jsonl_data, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedtune: error: ")
     assert "damaged" in err[0] and "cannot resume" in err[0]
+
+
+def test_run_folders_are_not_overwritten_or_shared(jsonl_data, tmp_path, capsys):
+    import fcntl
+
+    from fedtune.runlog import RunFolderError
+
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+        "eval.generate": False, "federation.rounds": 1}))
+    out = tmp_path / "r"
+    run(cfg, out, progress=False)
+    first = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunFolderError, match="holds a run"):
+        run(cfg, out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == first  # untouched
+    capsys.readouterr()
+    items = [f"{k}" for k in tiny_overrides(jsonl_data, tmp_path / "runs", **{
+        "eval.generate": "false", "federation.rounds": 1})]
+    assert main(["run", *items, "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["run", *items, "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "checkpoint.prev.pt").exists()  # the old run's files went first
+    # a second writer while one holds the folder
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunFolderError, match="another fedtune process"):
+            run(cfg, out, resume=True, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file"):
+        run(cfg, tmp_path / "file", progress=False)

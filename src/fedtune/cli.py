@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="an optional YAML config file, then key=value overrides")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     run.add_argument("--out", metavar="RUN_DIR", help="run folder (default: output.dir/NAME)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (default: refuse)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     rep = sub.add_parser("report", help="print the metrics table of a run folder")
     rep.add_argument("run_dir")
@@ -67,7 +69,7 @@ def _cmd_run(args) -> int:
         run(cfg, run_dir, resume=True, progress=not args.quiet)
         return 0
     cfg = _load(args.items)
-    run(cfg, args.out, progress=not args.quiet)
+    run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.config import ConfigError
     from fedtune.data import DataFileNotFoundError, DataFormatError
     from fedtune.models import ModelNotFoundError
-    from fedtune.runlog import CheckpointError
+    from fedtune.runlog import CheckpointError, RunFolderError
 
     user_errors = (_UserError, ConfigError, ModelNotFoundError, DataFileNotFoundError,
-                   DataFormatError, CheckpointError)
+                   DataFormatError, CheckpointError, RunFolderError)
     commands = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods,
                 "config": _cmd_config, "flower": flower_cli.handle}
     try:

@@ -105,13 +105,55 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RunFolderError(RuntimeError):
+    """A run folder that this run may not write (it holds another run, another process is
+    writing it, or it is a file)."""
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt",
+             "summary.json", "model.safetensors")
+
+
 class RunLog:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunFolderError(f"{self.dir} is a file, not a run folder")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = None
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_path = self.dir / "checkpoint.pt"
         self.previous_path = self.dir / "checkpoint.prev.pt"
+
+    def claim(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Make this process the folder's only writer (an advisory lock held until the process
+        ends, so a run killed with -9 leaves no stale lock), and refuse to start a new run over
+        a finished or interrupted one unless ``resume`` (continue it) or ``overwrite`` (its
+        files are deleted first)."""
+        import fcntl
+
+        lock = open(self.dir / ".lock", "w")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RunFolderError(f"{self.dir}: another fedtune process is writing this run "
+                                 "folder") from None
+        self._lock = lock
+        present = [n for n in RUN_FILES if (self.dir / n).exists()]
+        if present and not resume:
+            if not overwrite:
+                raise RunFolderError(
+                    f"{self.dir} holds a run ({', '.join(present)}); continue it with "
+                    "--resume, replace it with --overwrite, or choose another --out")
+            for n in present:
+                (self.dir / n).unlink()
+
+    def release(self) -> None:
+        """Give up the folder (the lock of :meth:`claim`)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl with exactly ``rows`` (so a resumed run never keeps the lines

@@ -138,7 +138,7 @@ class LocalTransport:
 
 
 def run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        progress: bool = True) -> list[dict[str, Any]]:
+        overwrite: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Run the experiment in this process; returns the metrics rows (round 0 is the evaluation
     before training). With ``resume`` the run continues from ``run_dir``'s checkpoint."""
     out = Progress(progress)
@@ -147,18 +147,29 @@ def run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, resume: boo
     client = ex.build_client(exp, model)
     server = ex.build_server(exp, model)
     return federate(exp, server, client, LocalTransport(exp, client, out), run_dir,
-                    resume=resume, out=out)
+                    resume=resume, overwrite=overwrite, out=out)
 
 
 def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
              run_dir: str | Path | None = None, *, resume: bool = False,
-             out: Progress | None = None) -> list[dict[str, Any]]:
+             overwrite: bool = False, out: Progress | None = None) -> list[dict[str, Any]]:
     """The round loop every engine shares: sample, download, fit (through ``transport``),
     aggregate, evaluate ``evaluator.model`` after syncing it, log, checkpoint."""
     cfg = exp.cfg
     out = out or Progress(True)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     log = RunLog(run_dir)
+    log.claim(resume=resume, overwrite=overwrite)
+    try:
+        return _rounds(exp, server, evaluator, transport, log, resume, out)
+    finally:
+        log.release()
+
+
+def _rounds(exp: ex.Experiment, server, evaluator, transport: Transport, log: RunLog,
+            resume: bool, out: Progress) -> list[dict[str, Any]]:
+    cfg = exp.cfg
+    run_dir = log.dir
     t_start = time.perf_counter()
     model = evaluator.model
     available = list(range(len(exp.clients)))  # partitions guarantee min_client_size >= 1
