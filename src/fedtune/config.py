@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -313,9 +314,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            raise ConfigError(f"{p} is empty; give no config file for the default experiment")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         tree = loaded
@@ -355,7 +358,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(p.num_clients >= 1, f"partition.num_clients: {p.num_clients} must be at least 1")
     _require(p.alpha > 0, f"partition.alpha: {p.alpha} must be positive")
     _require(p.min_client_size >= 1, "partition.min_client_size must be at least 1")
-    _require(t.lr > 0, f"train.lr: {t.lr} must be positive")
+    _require(math.isfinite(t.lr) and t.lr > 0, f"train.lr: {t.lr} must be a positive number")
+    _require(0 <= t.momentum < 1, f"train.momentum: {t.momentum} must be in [0, 1)")
+    _require(math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+             f"train.weight_decay: {t.weight_decay} must be >= 0")
     _require(t.local_steps >= 1, "train.local_steps must be at least 1")
     _require(t.batch_size >= 1, "train.batch_size must be at least 1")
     _require(t.grad_accum >= 1, "train.grad_accum must be at least 1")
@@ -368,6 +374,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(e.max_examples >= 1, "eval.max_examples must be at least 1")
     _require(e.batch_size >= 1, "eval.batch_size must be at least 1")
     _require(e.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1")
+    _require(e.generate_examples >= 0, "eval.generate_examples must be >= 0")
+    _require(e.generate_every >= 0, "eval.generate_every must be >= 0")
     if d.source in ("natural_instructions", "jsonl"):
         _require(d.path is not None, f"data.path: required for data.source={d.source}")
         _require(Path(d.path).expanduser().exists(),
@@ -376,6 +384,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _require(d.source == "rotten_tomatoes",
                  "data.task: classification needs data.source=rotten_tomatoes")
     m = cfg.model
+    if m.source == "tiny":
+        _require(m.tiny_hidden >= 8 and m.tiny_hidden % 4 == 0,
+                 f"model.tiny_hidden: {m.tiny_hidden} must be a multiple of 4 (the tiny model's "
+                 "attention heads), at least 8")
+        _require(m.tiny_layers >= 1, "model.tiny_layers must be at least 1")
     _require(DEVICE.fullmatch(m.device) is not None,
              f"model.device: {m.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if m.source == "hf":

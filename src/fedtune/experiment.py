@@ -5,13 +5,15 @@ run exactly the same experiment."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedtune.config import ExperimentConfig
+from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.methods.base import Client, MethodSpec, Server, trainable_state
 from fedtune.methods.registry import get_method
 from fedtune.models import load_model, load_tokenizer, resolve_device
@@ -58,6 +60,12 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
     dataset = load_dataset(cfg)
     task = make_task(cfg, tokenizer, dataset.labels)
     parts = partition(dataset.train, cfg)
+    per_round = max(1, round(cfg.federation.clients_per_round * len(parts)))
+    if cfg.federation.min_clients > per_round:
+        raise ConfigError(
+            f"federation.min_clients: {cfg.federation.min_clients} is more than the "
+            f"{per_round} clients sampled per round ({cfg.federation.clients_per_round} of "
+            f"{len(parts)}); lower it or raise federation.clients_per_round")
     wanted = range(len(parts)) if client_ids is None else client_ids
     clients = [ClientData([]) for _ in parts]
     for cid in wanted:
@@ -80,15 +88,27 @@ def build_model(exp: Experiment) -> torch.nn.Module:
     return model
 
 
+@contextmanager
+def _method_options_checked() -> Iterator[None]:
+    """Options that only the model can check (Ferret's k against its blocks) raise ValueError
+    when a half is built: that is the user's config, so it becomes a one-line ConfigError."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"method: {e}") from None
+
+
 def build_client(exp: Experiment, model: torch.nn.Module) -> Client:
-    return exp.spec.make_client(exp.method_cfg, model, exp.cfg.seed)
+    with _method_options_checked():
+        return exp.spec.make_client(exp.method_cfg, model, exp.cfg.seed)
 
 
 def build_server(exp: Experiment, model: torch.nn.Module) -> Server:
     """The server half, from the model's trainable state (on the model's device, in its dtype;
     each method's server decides where it keeps its state: FedAvg's and LoRA's on the CPU)."""
-    return exp.spec.make_server(exp.method_cfg, trainable_state(model), exp.cfg.seed,
-                                exp.cfg.federation.weighting)
+    with _method_options_checked():
+        return exp.spec.make_server(exp.method_cfg, trainable_state(model), exp.cfg.seed,
+                                    exp.cfg.federation.weighting)
 
 
 def sample_clients(cfg: ExperimentConfig, round_: int, available: list[int]) -> list[int]:

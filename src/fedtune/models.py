@@ -328,6 +328,11 @@ def tiny_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
 
     m = cfg.model
     vocab = m.tiny_vocab or (len(tokenizer) if tokenizer is not None else 1024)
+    if tokenizer is not None and vocab < len(tokenizer):
+        from fedtune.config import ConfigError
+
+        raise ConfigError(f"model.tiny_vocab: {vocab} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens")
     seed = cfg.seed if m.seed is None else m.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

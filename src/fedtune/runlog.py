@@ -164,7 +164,16 @@ class RunLog:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        rows = []
+        for lineno, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RunFolderError(f"{self.metrics_path}:{lineno}: not a JSON line ({e.msg}); "
+                                     "the file was cut or edited") from None
+        return rows
 
     def save_checkpoint(self, state: dict[str, Any], identity: dict[str, Any] | None = None) -> None:
         """Write the checkpoint, verified on load by a SHA-256 digest of its content and by

@@ -41,7 +41,8 @@ def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     n = len(examples)
     n_test = max(1, round(fraction * n))
     if n_test >= n:
-        raise ValueError(f"test_fraction {fraction} leaves no training examples out of {n}")
+        raise DataFormatError(f"data.test_fraction {fraction} leaves no training examples out "
+                              f"of {n}")
     perm = np.random.default_rng(seed).permutation(n)
     return [examples[i] for i in perm[n_test:]], [examples[i] for i in perm[:n_test]]
 

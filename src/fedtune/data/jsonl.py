@@ -41,16 +41,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
             f"JSONL file {str(path)!r} does not exist; set data.path to an instruction JSONL file"
         )
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            examples.append(_example(obj, where))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start}); data.path must be an "
+                              "instruction JSONL file") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
+        examples.append(_example(obj, where))
     if not examples:
         raise DataFormatError(f"{path}: no examples (the file is empty)")
     return examples

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedtune.data.errors import DataFormatError
+
 MAX_TRIES = 1000
 """Dirichlet draws tried before giving up on ``min_client_size``."""
 
@@ -17,7 +19,7 @@ def by_task(examples: Sequence[dict]) -> list[list[int]]:
     clients: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         if "task" not in ex:
-            raise ValueError(f"example {i} has no 'task' key; partition.scheme=task needs "
+            raise DataFormatError(f"example {i} has no 'task' key; partition.scheme=task needs "
                              "Natural Instructions data (data.source=natural_instructions)")
         clients.setdefault(ex["task"], []).append(i)
     return [clients[t] for t in sorted(clients)]
@@ -42,7 +44,7 @@ def dirichlet(examples: Sequence[dict], num_clients: int, alpha: float, min_clie
     n = len(examples)
     _check_sizes(n, num_clients, min_client_size)
     if alpha <= 0:
-        raise ValueError(f"alpha {alpha} must be positive")
+        raise DataFormatError(f"alpha {alpha} must be positive")
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         groups.setdefault(str(ex.get(key, "")), []).append(i)
@@ -61,7 +63,7 @@ def dirichlet(examples: Sequence[dict], num_clients: int, alpha: float, min_clie
                 client.extend(part.tolist())
         if min(len(c) for c in clients) >= min_client_size:
             return [sorted(c) for c in clients]
-    raise ValueError(
+    raise DataFormatError(
         f"Dirichlet(alpha={alpha}) over {len(groups)} {key} values did not give all "
         f"{num_clients} clients at least {min_client_size} of the {n} examples in {MAX_TRIES} "
         "draws; raise partition.alpha, or lower partition.num_clients or "
@@ -71,9 +73,9 @@ def dirichlet(examples: Sequence[dict], num_clients: int, alpha: float, min_clie
 
 def _check_sizes(n: int, num_clients: int, min_client_size: int) -> None:
     if num_clients < 1:
-        raise ValueError(f"num_clients {num_clients} must be at least 1")
+        raise DataFormatError(f"num_clients {num_clients} must be at least 1")
     if num_clients * min_client_size > n:
-        raise ValueError(
+        raise DataFormatError(
             f"cannot give {num_clients} clients at least {min_client_size} examples each from "
             f"{n} examples; lower partition.num_clients or partition.min_client_size, or use "
             "more data"

@@ -133,7 +133,7 @@ class Config:
             raise ValueError("pool_size must be in [1, 65535]")
         if self.clip_norm < 0:
             raise ValueError("clip_norm must be >= 0")
-        if self.group_factor <= 0:
+        if not self.group_factor > 0:  # NaN too
             raise ValueError("group_factor must be positive")
 
 
