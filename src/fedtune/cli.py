@@ -122,9 +122,13 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise _UserError("--max-new-tokens must be at least 1")
     model, tokenizer = load_for_generation(args.model)
-    print(answer(model, tokenizer, args.instruction, args.input,
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 seed=args.seed))
+    text = answer(model, tokenizer, args.instruction, args.input,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  seed=args.seed)
+    print(text)
+    if not text:
+        print("fedtune: the model's answer is empty (it ended the answer at once, or wrote only "
+              "whitespace or special tokens)", file=sys.stderr)
     return 0
 
 

@@ -368,6 +368,9 @@ def load_for_generation(path: str | Path):
     folder, or a peft adapter folder whose ``base_model_name_or_path`` is a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedtune.models import _quiet_transformers
+
+    _quiet_transformers()
     path = Path(path)
     if (path / "config.yaml").is_file():
         run = load_run(path, device=None)
