@@ -3,6 +3,9 @@
     fedtune run [CONFIG.yaml] [key=value ...] [--out RUN_DIR]   run an experiment (default: embedded)
     fedtune run --resume RUN_DIR                                continue a killed run
     fedtune report RUN_DIR                                      print a finished run's table
+    fedtune export RUN_DIR OUT [--merge]                        the model as a HF / peft folder
+    fedtune generate RUN_DIR|MODEL_DIR "instruction" [--input]  the tuned model answers
+    fedtune compare RUN_DIR... [--out DIR]                      table, plots and report of runs
     fedtune methods                                             list the methods
     fedtune config [CONFIG.yaml] [key=value ...]                print the resolved config
 
@@ -35,6 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     rep = sub.add_parser("report", help="print the metrics table of a run folder")
     rep.add_argument("run_dir")
+    exp = sub.add_parser("export", help="export a run's model as a Hugging Face / peft folder")
+    exp.add_argument("run_dir")
+    exp.add_argument("out", help="folder to write (absent, empty, or a previous export)")
+    exp.add_argument("--merge", action="store_true",
+                     help="FedIT / FeDeRA: merge the adapters into the base (a full HF folder)")
+    gen = sub.add_parser("generate", help="the tuned model answers an instruction")
+    gen.add_argument("model", metavar="RUN_DIR|MODEL_DIR",
+                     help="a run folder, or an exported (or any) Hugging Face / adapter folder")
+    gen.add_argument("instruction")
+    gen.add_argument("--input", default="", help="the input the instruction refers to")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy; above 0: sampled")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    cmp_ = sub.add_parser("compare", help="compare runs: table, plots, markdown report")
+    cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp_.add_argument("--out", default="report", metavar="DIR",
+                      help="where table.md, the PNG plots and report.md go (default: report)")
     sub.add_parser("methods", help="list the methods")
     conf = sub.add_parser("config", help="print the resolved config")
     conf.add_argument("items", nargs="*", metavar="CONFIG|key=value")
@@ -87,6 +108,41 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from fedtune.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    info = json.loads((out / "fedtune_export.json").read_text())
+    print(f"{info['kind']} export of {args.run_dir} ({info['method']}) in {out}; load with "
+          f"{info['load']}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from fedtune.export import answer, load_for_generation
+
+    if args.max_new_tokens < 1:
+        raise _UserError("--max-new-tokens must be at least 1")
+    model, tokenizer = load_for_generation(args.model)
+    text = answer(model, tokenizer, args.instruction, args.input,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  seed=args.seed)
+    print(text)
+    if not text:
+        print("fedtune: the model's answer is empty (it ended the answer at once, or wrote only "
+              "whitespace or special tokens)", file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from fedtune.compare import compare
+
+    report = compare(args.run_dirs, args.out)
+    print(report.table_text)
+    print(f"\nwrote {report.out / 'report.md'} ({', '.join(p.name for p in report.files)})")
+    return 0
+
+
 def _cmd_methods(args) -> int:
     from fedtune.methods.registry import METHODS
 
@@ -110,15 +166,18 @@ class _UserError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fedtune.compare import CompareError
     from fedtune.config import ConfigError
     from fedtune.data import DataFileNotFoundError, DataFormatError
+    from fedtune.export import ExportError
     from fedtune.models import ModelNotFoundError
     from fedtune.runlog import CheckpointError, RunFolderError
 
     user_errors = (_UserError, ConfigError, ModelNotFoundError, DataFileNotFoundError,
-                   DataFormatError, CheckpointError, RunFolderError)
+                   DataFormatError, CheckpointError, RunFolderError, ExportError, CompareError)
     commands = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods,
-                "config": _cmd_config, "flower": flower_cli.handle}
+                "config": _cmd_config, "export": _cmd_export, "generate": _cmd_generate,
+                "compare": _cmd_compare, "flower": flower_cli.handle}
     try:
         return commands[args.command](args)
     except user_errors as e:

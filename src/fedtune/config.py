@@ -141,6 +141,9 @@ class OutputConfig:
     """Run folder name (default: method-timestamp)."""
     save_model: bool = True
     """Save the final trainable weights as safetensors in the run folder."""
+    export: bool = True
+    """Also export the final model in its ecosystem's format to RUN_DIR/export (a Hugging
+    Face folder, or a peft adapter for FedIT and FeDeRA; see ``fedtune export``)."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 from fedtune.tasks import CausalLMTask, ClassificationTask
 
 SCORER_NAME = "rouge-score RougeL F-measure (default tokenizer)"
+BASELINE_KEYS = ("accuracy_majority", "rouge_l_empty", "rouge_l_copy")
+"""The trivial baselines :func:`baselines` reports beside the metrics (once, at round 0)."""
 
 
 @torch.no_grad()
@@ -93,13 +95,57 @@ def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
     return sum(hits) / max(len(hits), 1)
 
 
+def majority_share(values: Sequence[Any]) -> float:
+    """The share of the most frequent value: the accuracy of always answering it."""
+    if not values:
+        return 0.0
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts.values()) / len(values)
+
+
+_INPUT_MARK = "\n\n### Input:\n"
+_RESPONSE_MARK = "\n\n### Response:\n"
+
+
+def prompt_input(prompt: str) -> str:
+    """The input inside an Alpaca prompt (``tasks.alpaca_prompt``); "" when it has none."""
+    head, mark, _ = prompt.rpartition(_RESPONSE_MARK)
+    if not mark or _INPUT_MARK not in head:
+        return ""
+    return head.split(_INPUT_MARK, 1)[1]
+
+
+def baselines(task, examples: Sequence[dict], cfg_eval, *, labels=None) -> dict[str, float]:
+    """What trivial answers score on the examples the metrics are computed on, so that a metric
+    can be read against them: a classifier's ``accuracy_majority`` (always the most frequent
+    label of the evaluation set); an instruction task's ``rouge_l_empty`` (an empty answer) and
+    ``rouge_l_copy`` (the input copied as the answer), and ``accuracy_majority`` when its
+    answers are labels (always the most frequent reference), over the generated examples."""
+    ex = list(examples[: cfg_eval.max_examples])
+    if isinstance(task, ClassificationTask):
+        return {"accuracy_majority": majority_share([e["label"] for e in ex])}
+    if not cfg_eval.generate:
+        return {}
+    gen_ex = ex[: cfg_eval.generate_examples]
+    refs = [e["reference"] for e in gen_ex]
+    out = {"rouge_l_empty": rouge_l([""] * len(refs), refs),
+           "rouge_l_copy": rouge_l([prompt_input(e["prompt"]) for e in gen_ex], refs)}
+    if labels:
+        out["accuracy_majority"] = majority_share([r.strip().lower() for r in refs])
+    return out
+
+
 def evaluate(model, task, tokenizer, examples: Sequence[dict], cfg_eval, *, labels=None,
-             generate_now: bool) -> dict[str, Any]:
+             generate_now: bool, with_baselines: bool = False) -> dict[str, Any]:
     """The round's evaluation metrics: ``eval_loss`` always; ``accuracy`` for classifiers;
     ``rouge_l`` (and ``accuracy`` when the task has labels) for instruction tasks when
-    ``generate_now``."""
+    ``generate_now``; with ``with_baselines`` (round 0) also :func:`baselines`."""
     ex = list(examples[: cfg_eval.max_examples])
     out: dict[str, Any] = {"eval_loss": evaluation_loss(model, task, ex, cfg_eval.batch_size)}
+    if with_baselines:
+        out.update(baselines(task, ex, cfg_eval, labels=labels))
     if isinstance(task, ClassificationTask):
         out["accuracy"] = classification_accuracy(model, task, ex, cfg_eval.batch_size)
         return out

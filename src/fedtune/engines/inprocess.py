@@ -26,7 +26,7 @@ import torch
 from fedtune import experiment as ex
 from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
-from fedtune.evaluation import SCORER_NAME, evaluate
+from fedtune.evaluation import BASELINE_KEYS, SCORER_NAME, evaluate
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
 from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
 from fedtune.training import NonFiniteLossError
@@ -62,7 +62,8 @@ def _eval_point(exp: ex.Experiment, model, round_: int, generate_now: bool) -> d
     t0 = time.perf_counter()
     torch.manual_seed(ex.client_seed(exp.cfg, round_, -1))
     metrics = evaluate(model, exp.task, exp.tokenizer, exp.test, exp.cfg.eval,
-                       labels=exp.labels, generate_now=generate_now)
+                       labels=exp.labels, generate_now=generate_now,
+                       with_baselines=round_ == 0)
     metrics["time_eval"] = time.perf_counter() - t0
     return metrics
 
@@ -275,6 +276,10 @@ def _rounds(exp: ex.Experiment, server, evaluator, transport: Transport, log: Ru
     summary["trainable_params"] = n_params
     summary["model_params"] = sum(p.numel() for p in model.parameters())
     log.write_summary(summary)
+    if cfg.output.save_model and cfg.output.export:
+        from fedtune.export import export_run
+
+        export_run(log.dir, log.dir / "export", model=model)
     if out.enabled:
         print(summary_table(rows), file=sys.stdout)
         print(_summary_text(summary), file=sys.stdout)
@@ -322,6 +327,10 @@ def _describe(row: dict[str, Any]) -> str:
                        ("rouge_l", "Rouge-L"), ("accuracy", "accuracy")]:
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.4f}")
+    for key, label in [("accuracy_majority", "the majority label scores"),
+                       ("rouge_l_copy", "copying the input scores")]:  # round 0's baselines
+        if row.get(key) is not None:
+            parts.append(f"({label} {row[key]:.4f})")
     return "  ".join(parts)
 
 
@@ -357,6 +366,7 @@ def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) ->
         "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in rows),
         **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in rows)} if "peak_gpu_mb" in last else {}),
         "rouge_scorer": SCORER_NAME,
+        "baselines": {k: first[k] for k in BASELINE_KEYS if first.get(k) is not None},
     }
 
 
