@@ -181,27 +181,26 @@ def unpack_tensors(
         if code not in _DTYPE_OF:
             raise MessageError(f"tensor {name}: unknown dtype code {code}")
         shape = reader.unpack(f"{ndim}I") if ndim else ()
-        if expected is not None and name in expected and tuple(shape) != tuple(expected[name][0]):
-            raise MessageError(
-                f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected[name][0])}")
+        if expected is not None:  # name and shape checked before any data is read
+            if name not in expected:
+                raise MessageError(f"unexpected tensor {name!r} in message")
+            if tuple(shape) != tuple(expected[name][0]):
+                raise MessageError(f"tensor {name!r} has shape {tuple(shape)}, expected "
+                                   f"{tuple(expected[name][0])}")
         numel = math.prod(shape)  # Python integers: no overflow for hostile shapes
         arr = reader.array(_NP[code], numel)
         t = torch.from_numpy(arr.copy())
         if code == 2:
             t = t.view(torch.bfloat16)
-        t = t.reshape(shape)
+        try:
+            t = t.reshape(shape)
+        except RuntimeError as e:  # e.g. a zero-sized shape whose strides overflow
+            raise MessageError(f"tensor {name!r}: impossible shape {tuple(shape)} ({e})") from None
         if name in out:
             raise MessageError(f"tensor {name} appears twice")
-        if expected is not None:
-            if name not in expected:
-                raise MessageError(f"unexpected tensor {name!r} in message")
-            shape_e, dtype_e = expected[name]
-            if tuple(t.shape) != tuple(shape_e):
-                raise MessageError(
-                    f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape_e)}"
-                )
-            if t.dtype != dtype_e:
-                raise MessageError(f"tensor {name!r} has dtype {t.dtype}, expected {dtype_e}")
+        if expected is not None and t.dtype != expected[name][1]:
+            raise MessageError(f"tensor {name!r} has dtype {t.dtype}, expected "
+                               f"{expected[name][1]}")
         check_finite(t.float(), f"tensor {name!r}")
         out[name] = t
     if expected is not None and len(out) != len(expected):

@@ -298,15 +298,16 @@ class LocalFederation:
 
     def wait(self, run_id: int, run_dir: str | Path, timeout: float = 900.0,
              poll: float = 1.0) -> list[dict]:
-        """Wait until the run wrote its summary (returns the metrics rows) or failed (raises
-        with the ServerApp's error)."""
+        """Wait until the run wrote its summary and flower.json (returns the metrics rows) or
+        failed (raises with the ServerApp's error)."""
         run_dir = Path(run_dir)
         deadline = time.monotonic() + timeout
         last_status = time.monotonic()
         while time.monotonic() < deadline:
             if (run_dir / "error.txt").is_file():
                 raise RuntimeError(f"the ServerApp failed:\n{(run_dir / 'error.txt').read_text()}")
-            if (run_dir / "summary.json").is_file():
+            # the ServerApp writes flower.json last, after the summary and the export
+            if (run_dir / "summary.json").is_file() and (run_dir / "flower.json").is_file():
                 return [json.loads(x) for x in
                         (run_dir / "metrics.jsonl").read_text().splitlines()]
             if self.superlink is not None and self.superlink.poll() is not None:

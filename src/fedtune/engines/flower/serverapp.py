@@ -212,6 +212,7 @@ def run_server(grid: Grid, context: Context) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(context.run_config.get(RUN_RESUME, False))
     (run_dir / "error.txt").unlink(missing_ok=True)
+    (run_dir / "flower.json").unlink(missing_ok=True)  # written when this attempt ends
     out = Progress(True)
     try:
         exp = ex.setup(cfg, client_ids=[])  # the server needs the held-out data only
