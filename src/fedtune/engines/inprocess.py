@@ -191,8 +191,12 @@ def _rounds(exp: ex.Experiment, server, evaluator, transport: Transport, log: Ru
         server.load_state_dict(ckpt["server"])
         start, rows = ckpt["round"], ckpt["metrics"]
         last_sync = {int(k): v for k, v in ckpt["last_sync"].items()}
-        evaluator.sync(server.download(start, since=None))
-        evaluator_round = start
+        if ckpt.get("evaluator") is not None:  # a half whose own state must be exact
+            evaluator.load_state_dict(ckpt["evaluator"])
+            evaluator_round = ckpt["evaluator_round"]
+        else:
+            evaluator.sync(server.download(start, since=None))
+            evaluator_round = start
         log.write_metrics(rows)
         out.line(f"resumed {run_dir} at round {start}/{cfg.federation.rounds}")
     else:
@@ -261,7 +265,10 @@ def _rounds(exp: ex.Experiment, server, evaluator, transport: Transport, log: Ru
         rows.append(row)
         log.save_checkpoint({"version": CHECKPOINT_VERSION, "round": done,
                              "server": server.state_dict(), "last_sync": last_sync,
-                             "metrics": rows}, identity)
+                             "metrics": rows, "evaluator_round": evaluator_round,
+                             "evaluator": (evaluator.state_dict()
+                                           if hasattr(evaluator, "state_dict") else None)},
+                            identity)
         log.write_metrics(rows)
         out.line(_describe(row) + (f"  dropped {dropped}" if dropped else "")
                  + (f"  rejected {[x['client'] for x in rejected]}" if rejected else ""))

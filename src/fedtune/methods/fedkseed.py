@@ -327,6 +327,29 @@ class KSeedClient:
         self.skipped = 0
         """Local steps skipped because a loss was not finite (over the client's life)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The client half's whole state, weights included: rebuilding the model from ``w0``
+        and the scalars rounds differently from the live sequence of steps and undos, so a
+        resumed run loads this to continue bit for bit."""
+        return {"weights": {i: p.detach().cpu().clone() for i, p in enumerate(self.params)},
+                "applied": torch.from_numpy(self.applied.copy()), "round": self.round,
+                "pending": dict(self.pending), "skipped": self.skipped,
+                "probs": None if self.probs is None else torch.from_numpy(self.probs.copy())}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        weights = state["weights"]
+        if len(weights) != len(self.params) or any(
+                weights[i].shape != p.shape for i, p in enumerate(self.params)):
+            raise ValueError("saved client state is for another model")
+        for i, p in enumerate(self.params):
+            p.copy_(weights[i])
+        self.applied = state["applied"].numpy().astype(np.float64).copy()
+        self.round, self.skipped = int(state["round"]), int(state["skipped"])
+        self.pending = {int(s): float(g) for s, g in state["pending"].items()}
+        probs = state.get("probs")
+        self.probs = None if probs is None else probs.numpy().copy()
+
     def coefficients(self) -> np.ndarray:
         """Per-seed scalars the model reflects: ``model = w0 - eta * sum_s c_s z(seed_s)``."""
         c = self.applied.copy()
