@@ -110,7 +110,8 @@ def test_bfloat16_run_trains_and_stays_bfloat16(method, jsonl_data, tmp_path):
     finite, the trained weights moved, the model stayed bfloat16 (LoRA adapters: float32, peft's
     choice on a 16-bit base) and the server stayed float32 on the CPU."""
     from fedtune import experiment as ex
-    from fedtune.engines.inprocess import LocalTransport, Progress, federate
+    from fedtune.engines.inprocess import LocalTransport
+    from fedtune.engines.rounds import Progress, federate
     from fedtune.methods.base import trainable_parameters, trainable_state
 
     cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
@@ -144,7 +145,8 @@ def test_bfloat16_run_of_the_seed_based_methods(method, jsonl_data, tmp_path):
     weights moved and stayed bfloat16; Ferret's server rebuilds bit for bit the model a client
     syncs to (the same fused reconstruction, rounded once into bfloat16 on both sides)."""
     from fedtune import experiment as ex
-    from fedtune.engines.inprocess import LocalTransport, Progress, federate
+    from fedtune.engines.inprocess import LocalTransport
+    from fedtune.engines.rounds import Progress, federate
     from fedtune.methods.base import trainable_parameters, trainable_state
 
     extra = {"method.k": 64} if method == "ferret" else {"method.k": 16} if "kseed" in method \
@@ -200,7 +202,8 @@ def test_bfloat16_evaluation_loss_is_computed_in_float32(jsonl_data, tmp_path):
 @pytest.mark.parametrize("method", ["fedavg", "federa"])
 def test_gpu_run_keeps_the_model_on_the_gpu(method, jsonl_data, tmp_path):
     from fedtune import experiment as ex
-    from fedtune.engines.inprocess import LocalTransport, Progress, federate
+    from fedtune.engines.inprocess import LocalTransport
+    from fedtune.engines.rounds import Progress, federate
 
     cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.device": "cuda", "model.dtype": "bfloat16", "method.name": method,
@@ -221,7 +224,8 @@ def test_gpu_run_keeps_the_model_on_the_gpu(method, jsonl_data, tmp_path):
 
 def _federation(jsonl_data, tmp_path, name, **extra):
     from fedtune import experiment as ex
-    from fedtune.engines.inprocess import LocalTransport, Progress
+    from fedtune.engines.inprocess import LocalTransport
+    from fedtune.engines.rounds import Progress
 
     cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "method.name": "fedavg", "federation.clients_per_round": 1.0, "eval.generate": False,
@@ -239,7 +243,7 @@ def test_a_bad_upload_and_a_non_finite_client_are_rejected_and_the_round_goes_on
     """Client 1's training hits a non-finite loss and client 2's upload is cut by one byte:
     both are listed under ``rejected`` with the reason, the others are aggregated, and the
     global model is exactly the one of a federation where clients 1 and 2 never answered."""
-    from fedtune.engines.inprocess import federate
+    from fedtune.engines.rounds import federate
     from fedtune.methods.base import trainable_parameters
     from fedtune.training import NonFiniteLossError
 
@@ -275,7 +279,7 @@ def test_a_bad_upload_and_a_non_finite_client_are_rejected_and_the_round_goes_on
 
 def test_too_few_acceptable_uploads_stop_the_run_and_keep_the_checkpoint(jsonl_data, tmp_path,
                                                                           monkeypatch):
-    from fedtune.engines.inprocess import federate
+    from fedtune.engines.rounds import federate
 
     exp, _model, client, server, transport, run_dir = _federation(
         jsonl_data, tmp_path, "few", **{"federation.min_clients": 3, "federation.rounds": 2})
@@ -285,7 +289,7 @@ def test_too_few_acceptable_uploads_stop_the_run_and_keep_the_checkpoint(jsonl_d
         else real_fit(down, data, ctx)))
     with pytest.raises(RuntimeError, match=r"only 2 of 4 clients answered with an acceptable"):
         federate(exp, server, client, transport, run_dir)
-    from fedtune.engines.inprocess import run_identity
+    from fedtune.engines.rounds import run_identity
     from fedtune.runlog import RunLog
 
     assert RunLog(run_dir).load_checkpoint(run_identity(exp.cfg))["round"] == 1

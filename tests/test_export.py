@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from fedtune import cli, export
 from fedtune import experiment as ex
 from fedtune.config import load_config
-from fedtune.engines.inprocess import LocalTransport, Progress, federate
+from fedtune.engines.inprocess import LocalTransport
+from fedtune.engines.rounds import Progress, federate
 from fedtune.methods.base import trainable_parameters
 from fedtune.methods.lora import ADAPTER, lora_layers
 from fedtune.tasks import alpaca_prompt

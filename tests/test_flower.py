@@ -176,7 +176,7 @@ def test_transport_drops_silent_nodes_and_resyncs_restarted_ones(jsonl_data, tmp
     client 1 sat out round 2."""
     from fedtune import experiment as ex
     from fedtune.engines.flower import serverapp
-    from fedtune.engines.inprocess import Progress, federate
+    from fedtune.engines.rounds import Progress, federate
 
     from .flower_support import PerClientTransport
 
@@ -222,7 +222,7 @@ def test_too_few_answers_stop_the_run_then_resume_ends_as_uninterrupted(jsonl_da
     with the model of an uninterrupted run."""
     from fedtune import experiment as ex
     from fedtune.engines.flower import serverapp
-    from fedtune.engines.inprocess import Progress, federate
+    from fedtune.engines.rounds import Progress, federate
 
     from .flower_support import per_client_run
 
@@ -314,7 +314,7 @@ def test_mixed_dtype_pair_for_fedavg(jsonl_data, tmp_path):
     final global model equals bitwise an in-process run whose client 0 is bfloat16."""
     from fedtune import experiment as ex
     from fedtune.engines.flower import serverapp
-    from fedtune.engines.inprocess import Progress, federate
+    from fedtune.engines.rounds import Progress, federate
 
     cfg = _fedavg_pair_cfg(jsonl_data, tmp_path)
     grid = FakeGrid(cfg, [0, 1], {0: {common.NODE_DTYPE: "bfloat16"}})
@@ -433,7 +433,7 @@ def test_supernode_killed_mid_round(jsonl_data, tmp_path, federation):
     finishes, and its final model equals an in-process run (own halves) in which client 2 sat
     out round 2: nothing else was lost. (Rejoining after a restart: the FakeGrid test.)"""
     from fedtune import experiment as ex
-    from fedtune.engines.inprocess import Progress, federate
+    from fedtune.engines.rounds import Progress, federate
 
     from .flower_support import PerClientTransport
 

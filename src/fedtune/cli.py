@@ -95,7 +95,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from fedtune.engines.inprocess import summary_table
+    from fedtune.engines.rounds import summary_table
     from fedtune.runlog import RunLog
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():

@@ -4,15 +4,11 @@ engine apart from anything the network layer does."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import torch
 
 from fedtune import experiment as ex
 from fedtune.config import ExperimentConfig
-from fedtune.engines.inprocess import ClientResult, Progress, federate
-from fedtune.methods.base import FitContext
+from fedtune.engines.rounds import ClientResult, Progress, federate, fit_client
 
 
 class PerClientTransport:
@@ -23,20 +19,11 @@ class PerClientTransport:
         self.halves: dict[int, object] = {}
 
     def fit_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
-        cfg, results = self.exp.cfg, []
+        results = []
         for cid, down in downloads.items():
             if cid not in self.halves:
                 self.halves[cid] = ex.build_client(self.exp, ex.build_model(self.exp))
-            seed = ex.client_seed(cfg, round_, cid)
-            torch.manual_seed(seed)
-            ctx = FitContext(round=round_, client_id=cid, seed=seed, train=cfg.train,
-                             task=self.exp.task)
-            t0 = time.perf_counter()
-            payload = self.halves[cid].fit(down, self.exp.clients[cid], ctx)
-            ctx.timings["fit"] = time.perf_counter() - t0
-            loss = sum(ctx.losses) / len(ctx.losses) if ctx.losses else float("nan")
-            results.append(ClientResult(cid, len(self.exp.clients[cid]), payload, len(down),
-                                        loss, ctx.timings))
+            results.append(fit_client(self.exp, self.halves[cid], round_, cid, down))
         return results
 
 

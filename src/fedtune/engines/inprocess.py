@@ -1,11 +1,5 @@
-"""The in-process engine (every client simulated in turn on the one copy of the model) and the
-round loop that every engine shares (:func:`federate`, with a :class:`Transport` per engine).
-
-A round: sample clients; for each, the server's download (built for the round that client last
-saw) goes to the shared client half, which trains and returns its upload; the server aggregates;
-the client half syncs to the new global model and the engine evaluates it. Byte counts are the
-lengths of the messages; times are per phase; the checkpoint is written after every round, so
-``run(..., resume=True)`` continues a killed run and ends where an uninterrupted one would.
+"""The in-process engine: every client simulated in turn on the one copy of the model, through
+the shared round loop (``engines.rounds``).
 
 The process holds one copy of the model, on ``model.device`` in ``model.dtype``
 (``experiment.build_model``); batches go to it, messages and checkpoints stay on the CPU. On a
@@ -14,95 +8,12 @@ GPU the rows also carry ``peak_gpu_mb`` (``torch.cuda.max_memory_allocated``).
 
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from fedtune import experiment as ex
-from fedtune import wire
-from fedtune.config import ExperimentConfig, save_config
-from fedtune.evaluation import BASELINE_KEYS, SCORER_NAME, evaluate
-from fedtune.methods.base import FitContext, Upload, trainable_parameters
-from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
-from fedtune.training import NonFiniteLossError
-
-CHECKPOINT_VERSION = 1
-
-
-class Progress:
-    """One line per client on the terminal; the step counter updates in place on a TTY."""
-
-    def __init__(self, enabled: bool = True, stream=sys.stderr):
-        self.enabled = enabled
-        self.stream = stream
-        self.tty = enabled and stream.isatty()
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
-            self.stream.flush()
-
-    def step(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
-
-
-def default_run_dir(cfg: ExperimentConfig) -> Path:
-    name = cfg.output.name or f"{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return Path(cfg.output.dir).expanduser() / name
-
-
-def _eval_point(exp: ex.Experiment, model, round_: int, generate_now: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    torch.manual_seed(ex.client_seed(exp.cfg, round_, -1))
-    metrics = evaluate(model, exp.task, exp.tokenizer, exp.test, exp.cfg.eval,
-                       labels=exp.labels, generate_now=generate_now,
-                       with_baselines=round_ == 0)
-    metrics["time_eval"] = time.perf_counter() - t0
-    return metrics
-
-
-def _gpu_memory(model) -> dict[str, float]:
-    """``peak_gpu_mb``: the most this process's CUDA allocator held on the model's GPU since
-    the start (``torch.cuda.max_memory_allocated``); nothing for a model on the CPU."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return {}
-    return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-
-
-def _generate_now(cfg: ExperimentConfig, round_done: int) -> bool:
-    every = cfg.eval.generate_every
-    return round_done in (0, cfg.federation.rounds) or (every > 0 and round_done % every == 0)
-
-
-@dataclass
-class ClientResult:
-    """What came back from one client in a round."""
-
-    client_id: int
-    num_examples: int
-    payload: bytes
-    download_bytes: int
-    train_loss: float
-    timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    """Why the client's local work failed (e.g. a non-finite loss); it is then not aggregated
-    and is listed under ``rejected``."""
-
-
-class Transport(Protocol):
-    """How a round's downloads reach the clients and their uploads come back."""
-
-    def fit_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
-        """Deliver ``downloads`` (client id -> message), return the results of the clients
-        that answered (a transport over a network may return fewer)."""
+from fedtune.config import ExperimentConfig
+from fedtune.engines.rounds import ClientResult, Progress, federate, fit_client
 
 
 class LocalTransport:
@@ -112,29 +23,20 @@ class LocalTransport:
         self.exp, self.client, self.out = exp, client, out
 
     def fit_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
-        cfg, results = self.exp.cfg, []
+        results = []
         for i, (cid, down) in enumerate(downloads.items()):
-            seed = ex.client_seed(cfg, round_, cid)
-            torch.manual_seed(seed)
-            label = f"round {round_ + 1}/{cfg.federation.rounds}  client {cid} ({i + 1}/{len(downloads)})"
-            ctx = FitContext(round=round_, client_id=cid, seed=seed, train=cfg.train,
-                             task=self.exp.task,
+            label = (f"round {round_ + 1}/{self.exp.cfg.federation.rounds}  client {cid} "
+                     f"({i + 1}/{len(downloads)})")
+            res = fit_client(self.exp, self.client, round_, cid, down,
                              on_step=lambda s, loss, label=label: self.out.step(
                                  f"{label}  step {s + 1}  loss {loss:.4f}"))
-            t0 = time.perf_counter()
-            try:
-                payload = self.client.fit(down, self.exp.clients[cid], ctx)
-            except NonFiniteLossError as e:
-                results.append(ClientResult(cid, len(self.exp.clients[cid]), b"", len(down),
-                                            float("nan"), error=str(e)))
-                self.out.line(f"{label}  rejected: {e}")
-                continue
-            ctx.timings["fit"] = time.perf_counter() - t0
-            loss = sum(ctx.losses) / len(ctx.losses) if ctx.losses else float("nan")
-            results.append(ClientResult(cid, len(self.exp.clients[cid]), payload, len(down), loss,
-                                        ctx.timings))
-            self.out.line(f"{label}  train loss {loss:.4f}  up {len(payload):,} B  "
-                          f"down {len(down):,} B  {ctx.timings['fit']:.1f} s")
+            results.append(res)
+            if res.error is not None:
+                self.out.line(f"{label}  rejected: {res.error}")
+            else:
+                self.out.line(f"{label}  train loss {res.train_loss:.4f}  up "
+                              f"{len(res.payload):,} B  down {len(down):,} B  "
+                              f"{res.timings['fit']:.1f} s")
         return results
 
 
@@ -149,238 +51,3 @@ def run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, resume: boo
     server = ex.build_server(exp, model)
     return federate(exp, server, client, LocalTransport(exp, client, out), run_dir,
                     resume=resume, overwrite=overwrite, out=out)
-
-
-def federate(exp: ex.Experiment, server, evaluator, transport: Transport,
-             run_dir: str | Path | None = None, *, resume: bool = False,
-             overwrite: bool = False, out: Progress | None = None) -> list[dict[str, Any]]:
-    """The round loop every engine shares: sample, download, fit (through ``transport``),
-    aggregate, evaluate ``evaluator.model`` after syncing it, log, checkpoint."""
-    cfg = exp.cfg
-    out = out or Progress(True)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    log = RunLog(run_dir)
-    log.claim(resume=resume, overwrite=overwrite)
-    try:
-        return _rounds(exp, server, evaluator, transport, log, resume, out)
-    finally:
-        log.release()
-
-
-def _rounds(exp: ex.Experiment, server, evaluator, transport: Transport, log: RunLog,
-            resume: bool, out: Progress) -> list[dict[str, Any]]:
-    cfg = exp.cfg
-    run_dir = log.dir
-    t_start = time.perf_counter()
-    model = evaluator.model
-    available = list(range(len(exp.clients)))  # partitions guarantee min_client_size >= 1
-    rows: list[dict[str, Any]] = []
-    last_sync: dict[int, int] = {}  # client -> the global round its model was last synced to
-    evaluator_round: int | None = 0  # the global round the evaluator's model was synced to
-    start = 0
-    n_params = sum(p.numel() for p in trainable_parameters(model).values())
-    identity = run_identity(cfg)
-    ckpt = log.load_checkpoint(identity) if resume else None
-    if resume and ckpt is None:
-        out.line(f"no checkpoint in {run_dir}; starting from round 0")
-    if ckpt is not None:
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{log.checkpoint_path}: checkpoint version "
-                                  f"{ckpt.get('version')}, this fedtune writes "
-                                  f"{CHECKPOINT_VERSION}")
-        server.load_state_dict(ckpt["server"])
-        start, rows = ckpt["round"], ckpt["metrics"]
-        last_sync = {int(k): v for k, v in ckpt["last_sync"].items()}
-        if ckpt.get("evaluator") is not None:  # a half whose own state must be exact
-            evaluator.load_state_dict(ckpt["evaluator"])
-            evaluator_round = ckpt["evaluator_round"]
-        else:
-            evaluator.sync(server.download(start, since=None))
-            evaluator_round = start
-        log.write_metrics(rows)
-        out.line(f"resumed {run_dir} at round {start}/{cfg.federation.rounds}")
-    else:
-        save_config(cfg, log.dir / "config.yaml")
-        param = next(model.parameters())
-        out.line(f"fedtune: {cfg.method.name} on {cfg.data.source} with {cfg.model.source} "
-                 f"({param.device}, {str(param.dtype).removeprefix('torch.')}), "
-                 f"{len(exp.clients)} clients, {cfg.federation.rounds} rounds, "
-                 f"{n_params:,} trainable parameters -> {run_dir}")
-        row = {"round": 0, **_eval_point(exp, model, 0, _generate_now(cfg, 0)),
-               "peak_rss_mb": peak_rss_mb(), **_gpu_memory(model)}
-        rows.append(row)
-        log.write_metrics(rows)
-        out.line(_describe(row))
-
-    for r in range(start, cfg.federation.rounds):
-        t_round = time.perf_counter()
-        sampled = ex.sample_clients(cfg, r, available)
-        t0 = time.perf_counter()
-        downloads = {cid: server.download(r, since=last_sync.get(cid)) for cid in sampled}
-        times: dict[str, float] = {"download": time.perf_counter() - t0}
-        answered = transport.fit_round(r, downloads)
-        dropped = sorted(set(sampled) - {res.client_id for res in answered})
-        rejected = [{"client": res.client_id, "reason": res.error}
-                    for res in answered if res.error is not None]
-        results = [res for res in answered if res.error is None]
-        for res in answered:
-            last_sync[res.client_id] = r
-            for k, v in res.timings.items():
-                times[k] = times.get(k, 0.0) + v
-        t0 = time.perf_counter()
-        uploads = [Upload(res.client_id, res.num_examples, res.payload) for res in results]
-        method_metrics, uploads = _aggregate(server, r, uploads, rejected, len(sampled),
-                                             cfg.federation.min_clients)
-        kept = {u.client_id for u in uploads}
-        results = [res for res in results if res.client_id in kept]
-        times["aggregate"] = time.perf_counter() - t0
-
-        done = r + 1
-        row: dict[str, Any] = {"round": done, "clients": [res.client_id for res in results],
-                               "dropped": dropped, "rejected": rejected}
-        if done % cfg.eval.every == 0 or done == cfg.federation.rounds:
-            t0 = time.perf_counter()
-            # The in-process evaluator is the shared client half (it saw round r's download);
-            # on Flower it is a separate half that may have skipped rounds (eval.every > 1).
-            evaluator.sync(server.download(done, since=evaluator_round))
-            evaluator_round = done
-            times["apply"] = time.perf_counter() - t0
-            row.update(_eval_point(exp, model, done, _generate_now(cfg, done)))
-        up = [len(res.payload) for res in results]
-        down = [res.download_bytes for res in results]
-        weights = [res.num_examples for res in results]
-        row.update({
-            "train_loss": sum(w * res.train_loss for w, res in zip(weights, results))
-            / max(sum(weights), 1),
-            "bytes_up_per_client": sum(up) / len(up),
-            "bytes_down_per_client": sum(down) / len(down),
-            "bytes_up_total": sum(up),
-            "bytes_down_total": sum(down),
-            **{f"time_{k}": v for k, v in sorted(times.items())},
-            "time_round": time.perf_counter() - t_round,
-            "peak_rss_mb": peak_rss_mb(),
-            **_gpu_memory(model),
-            **{f"method_{k}": v for k, v in method_metrics.items()},
-        })
-        rows.append(row)
-        log.save_checkpoint({"version": CHECKPOINT_VERSION, "round": done,
-                             "server": server.state_dict(), "last_sync": last_sync,
-                             "metrics": rows, "evaluator_round": evaluator_round,
-                             "evaluator": (evaluator.state_dict()
-                                           if hasattr(evaluator, "state_dict") else None)},
-                            identity)
-        log.write_metrics(rows)
-        out.line(_describe(row) + (f"  dropped {dropped}" if dropped else "")
-                 + (f"  rejected {[x['client'] for x in rejected]}" if rejected else ""))
-
-    if cfg.output.save_model:
-        from safetensors.torch import save_file
-
-        save_file({n: p.detach().cpu().contiguous()
-                   for n, p in trainable_parameters(model).items()},
-                  str(log.dir / "model.safetensors"))
-    summary = summarise(cfg, rows, time.perf_counter() - t_start)
-    summary["trainable_params"] = n_params
-    summary["model_params"] = sum(p.numel() for p in model.parameters())
-    log.write_summary(summary)
-    if cfg.output.save_model and cfg.output.export:
-        from fedtune.export import export_run
-
-        export_run(log.dir, log.dir / "export", model=model)
-    if out.enabled:
-        print(summary_table(rows), file=sys.stdout)
-        print(_summary_text(summary), file=sys.stdout)
-    return rows
-
-
-def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed by this config: the method and its options,
-    the run seed, the model and its dtype, the data and the partition (not the device, the
-    number of rounds or the evaluation settings, which a resumed run may change)."""
-    from dataclasses import asdict
-
-    model = asdict(cfg.model)
-    model.pop("device", None)
-    return {"method": cfg.method.name, "method_config": asdict(cfg.method_config()),
-            "seed": cfg.seed, "model": model, "data": asdict(cfg.data),
-            "partition": asdict(cfg.partition)}
-
-
-def _aggregate(server, round_: int, uploads: list[Upload], rejected: list[dict[str, Any]],
-               sampled: int, min_clients: int) -> tuple[dict[str, float], list[Upload]]:
-    """``server.aggregate`` on the uploads that pass: an upload the server refuses
-    (``MessageError`` naming its client) is dropped, with the reason added to ``rejected``, and
-    the rest are aggregated again (a refused aggregate leaves the server as it was). Stops the
-    run when fewer than ``min_clients`` are left: the last checkpoint is kept."""
-    while True:
-        if len(uploads) < min_clients:
-            raise RuntimeError(
-                f"round {round_ + 1}: only {len(uploads)} of {sampled} clients answered with an "
-                f"acceptable update (federation.min_clients = {min_clients}; rejected: "
-                f"{rejected}); the checkpoint of round {round_} is kept, resume when clients "
-                "are back")
-        try:
-            return server.aggregate(round_, uploads), uploads
-        except wire.MessageError as e:
-            if e.client_id is None or e.client_id not in {u.client_id for u in uploads}:
-                raise
-            rejected.append({"client": e.client_id, "reason": str(e)})
-            uploads = [u for u in uploads if u.client_id != e.client_id]
-
-
-def _describe(row: dict[str, Any]) -> str:
-    parts = [f"round {row['round']}:"]
-    for key, label in [("train_loss", "train loss"), ("eval_loss", "eval loss"),
-                       ("rouge_l", "Rouge-L"), ("accuracy", "accuracy")]:
-        if row.get(key) is not None:
-            parts.append(f"{label} {row[key]:.4f}")
-    for key, label in [("accuracy_majority", "the majority label scores"),
-                       ("rouge_l_copy", "copying the input scores")]:  # round 0's baselines
-        if row.get(key) is not None:
-            parts.append(f"({label} {row[key]:.4f})")
-    return "  ".join(parts)
-
-
-SUMMARY_COLUMNS = [
-    ("round", "round", "d"),
-    ("train_loss", "train loss", ".4f"),
-    ("eval_loss", "eval loss", ".4f"),
-    ("rouge_l", "Rouge-L", ".4f"),
-    ("accuracy", "accuracy", ".3f"),
-    ("bytes_up_per_client", "up B/client", ",.0f"),
-    ("bytes_down_per_client", "down B/client", ",.0f"),
-    ("time_round", "round s", ".1f"),
-    ("peak_rss_mb", "peak MiB", ".0f"),
-]
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    return format_table(rows, SUMMARY_COLUMNS)
-
-
-def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-    first, last = rows[0], rows[-1]
-    keys = ("eval_loss", "rouge_l", "accuracy")
-    trained = rows[1:]
-    return {
-        "method": cfg.method.name,
-        "rounds": len(trained),
-        "before": {k: first.get(k) for k in keys if first.get(k) is not None},
-        "after": {k: last.get(k) for k in keys if last.get(k) is not None},
-        "bytes_up_total": sum(r.get("bytes_up_total", 0) for r in trained),
-        "bytes_down_total": sum(r.get("bytes_down_total", 0) for r in trained),
-        "wall_time_s": wall,
-        "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in rows),
-        **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in rows)} if "peak_gpu_mb" in last else {}),
-        "rouge_scorer": SCORER_NAME,
-        "baselines": {k: first[k] for k in BASELINE_KEYS if first.get(k) is not None},
-    }
-
-
-def _summary_text(s: dict[str, Any]) -> str:
-    before = ", ".join(f"{k} {v:.4f}" for k, v in s["before"].items())
-    after = ", ".join(f"{k} {v:.4f}" for k, v in s["after"].items())
-    return (f"\nbefore: {before}\nafter:  {after}\n"
-            f"wall time {s['wall_time_s']:.0f} s (this run's process), peak memory "
-            f"{s['peak_rss_mb']:.0f} MiB, bytes up {s['bytes_up_total']:,}, "
-            f"down {s['bytes_down_total']:,}")

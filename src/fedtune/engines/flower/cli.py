@@ -120,7 +120,7 @@ def handle(args) -> int:
 
 def _local(args) -> int:
     from fedtune.engines.flower.launch import LocalFederation
-    from fedtune.engines.inprocess import default_run_dir, summary_table
+    from fedtune.engines.rounds import default_run_dir, summary_table
 
     cfg = _load(args.items)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)

@@ -15,9 +15,10 @@ from ``w0``: when such a fresh half cannot apply an incremental download, it ans
 and the ServerApp sends it the full-state download (``since=None``) instead. The same path lets a
 SuperNode that was restarted rejoin.
 
-Local work is exactly the in-process engine's (``LocalTransport``): the same
-:class:`FitContext`, seed ``experiment.client_seed(cfg, round, cid)`` with ``torch.manual_seed``
-first, so a client's upload matches the in-process one for the same model state.
+Local work is exactly the in-process engine's: ``rounds.fit_client`` (the same seed from
+``experiment.client_seed(cfg, round, cid)``, the same context), so a client's upload matches the
+in-process one for the same model state. A client whose training diverges answers with the
+reason, and the ServerApp lists it under ``rejected``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -40,7 +40,7 @@ from fedtune.engines.flower.common import (
     node_overrides,
 )
 from fedtune.engines.flower.records import pack, unpack
-from fedtune.methods.base import FitContext
+from fedtune.engines.rounds import fit_client
 
 
 @dataclass
@@ -123,13 +123,8 @@ def train(msg: Message, context: Context) -> Message:
     cid, r = int(meta["client"]), int(meta["round"])
     if cid != half.cid:
         raise ValueError(f"message for client {cid} reached the SuperNode of client {half.cid}")
-    exp, cfg = half.exp, half.exp.cfg
-    seed = ex.client_seed(cfg, r, cid)
-    torch.manual_seed(seed)
-    ctx = FitContext(round=r, client_id=cid, seed=seed, train=cfg.train, task=exp.task)
-    t0 = time.perf_counter()
     try:
-        payload = half.client.fit(down, exp.clients[cid], ctx)
+        res = fit_client(half.exp, half.client, r, cid, down)
     except wire.MessageError as e:
         if half.fresh and not meta.get("full", False):
             # This process's half is at w0 but the download assumes a later round.
@@ -137,9 +132,10 @@ def train(msg: Message, context: Context) -> Message:
                            reply_to=msg)
         raise
     half.fresh = False
-    ctx.timings["fit"] = time.perf_counter() - t0
-    loss = sum(ctx.losses) / len(ctx.losses) if ctx.losses else float("nan")
-    return Message(pack(payload, client=cid, round=r, examples=len(exp.clients[cid]),
-                        loss=float(loss), received=len(down),
-                        **{f"time_{k}": float(v) for k, v in ctx.timings.items()}),
+    if res.error is not None:  # training diverged: the server lists it under rejected
+        return Message(pack(None, client=cid, round=r, examples=res.num_examples,
+                            received=len(down), error=res.error), reply_to=msg)
+    return Message(pack(res.payload, client=cid, round=r, examples=res.num_examples,
+                        loss=float(res.train_loss), received=len(down),
+                        **{f"time_{k}": float(v) for k, v in res.timings.items()}),
                    reply_to=msg)

@@ -1,5 +1,5 @@
 """The ServerApp: the method's server half and the shared round loop
-(:func:`fedtune.engines.inprocess.federate`), with the clients reached through Flower's Grid.
+(:func:`fedtune.engines.rounds.federate`), with the clients reached through Flower's Grid.
 
 At the start the ServerApp asks every connected SuperNode which partition it trains (a ``query``
 message; the ClientApp answers from its node config and builds its half). Each round the loop
@@ -35,7 +35,7 @@ from fedtune.engines.flower.common import (
     config_from_run,
 )
 from fedtune.engines.flower.records import pack, unpack
-from fedtune.engines.inprocess import ClientResult, Progress, default_run_dir, federate
+from fedtune.engines.rounds import ClientResult, Progress, default_run_dir, federate
 
 
 def flower_message_bytes(msg: Message) -> int:
@@ -187,6 +187,10 @@ class FlowerTransport:
             info["flower_up_bytes"] += flower_message_bytes(reply)
             payload, meta = unpack(reply.content)
             sent = len(resync.get(cid, reachable[cid]))
+            if payload is None and meta.get("error"):  # its training diverged
+                results.append(ClientResult(cid, int(meta["examples"]), b"", sent,
+                                            float("nan"), error=str(meta["error"])))
+                continue
             if payload is None or int(meta["round"]) != round_ or int(meta["received"]) != sent:
                 info["failed"][cid] = "malformed reply"
                 continue
