@@ -144,7 +144,7 @@ def throughput(args) -> dict[str, Any]:
         decode_upload_body,
         encode_upload_body,
     )
-    from fedtune.training import local_train
+    from fedtune.methods.training import local_train
 
     cfg = load_config(None, overrides({**METHODS["ferret"], "method.k": args.k}))
     exp = ex.setup(cfg)

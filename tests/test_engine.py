@@ -245,7 +245,7 @@ def test_a_bad_upload_and_a_non_finite_client_are_rejected_and_the_round_goes_on
     global model is exactly the one of a federation where clients 1 and 2 never answered."""
     from fedtune.engines.rounds import federate
     from fedtune.methods.base import trainable_parameters
-    from fedtune.training import NonFiniteLossError
+    from fedtune.methods.training import NonFiniteLossError
 
     extra = {"method.k": 64} if method == "ferret" else {}
     exp, model, client, server, transport, run_dir = _federation(

@@ -20,6 +20,8 @@ from fedtune.methods.fedkseed import (
     MAX_K,
     Config,
     KSeedClient,
+    KSeedProClient,
+    KSeedProServer,
     KSeedServer,
     encode_upload,
     make_pool,
@@ -216,7 +218,7 @@ def test_bfloat16_weights_are_restored_exactly_by_onthefly_steps():
 def test_client_skips_nan_steps_and_uploads_only_good_pairs():
     cfg = Config(k=16)
     client = KSeedClient(cfg, tiny_llama(), RUN_SEED)
-    server = KSeedServer(cfg, RUN_SEED, "examples")
+    server = KSeedServer(cfg, None, RUN_SEED, "examples")
     calls = {"n": 0}
 
     class NanEveryOther:
@@ -241,9 +243,9 @@ def test_client_skips_nan_steps_and_uploads_only_good_pairs():
 
 def test_message_sizes():
     cfg = Config()  # K = 4096
-    s = KSeedServer(cfg, RUN_SEED, "examples")
+    s = KSeedServer(cfg, None, RUN_SEED, "examples")
     assert len(s.download(0, None)) == wire.HEADER_SIZE + 13 + 4 * 4096  # 16,411 bytes
-    pro = KSeedServer(cfg, RUN_SEED, "examples", pro=True)
+    pro = KSeedProServer(cfg, None, RUN_SEED, "examples")
     assert len(pro.download(0, None)) == wire.HEADER_SIZE + 13 + 6 * 4096
     _, pid = make_pool(RUN_SEED, cfg.k)
     up = encode_upload(3, 0, pid, np.arange(200), np.ones(200))
@@ -261,11 +263,11 @@ def test_weighted_and_equal_accumulation_by_hand():
     _, pid = make_pool(RUN_SEED, 8)
     ups = [Upload(0, 1, encode_upload(3, 0, pid, np.array([1, 2, 1]), np.array([1., 2., 3.]))),
            Upload(1, 3, encode_upload(3, 0, pid, np.array([2, 7]), np.array([-4., 8.])))]
-    s = KSeedServer(cfg, RUN_SEED, "examples")
+    s = KSeedServer(cfg, None, RUN_SEED, "examples")
     s.aggregate(0, ups)
     # seed 1: 1/4 * (1 + 3) = 1; seed 2: 1/4 * 2 + 3/4 * -4 = -2.5; seed 7: 3/4 * 8 = 6
     assert np.allclose(s.acc, [0, 1, -2.5, 0, 0, 0, 0, 6])
-    e = KSeedServer(cfg, RUN_SEED, "equal")
+    e = KSeedServer(cfg, None, RUN_SEED, "equal")
     e.aggregate(0, ups)
     assert np.allclose(e.acc, [0, 2, -1, 0, 0, 0, 0, 4])
 
@@ -292,7 +294,7 @@ def _bad(pid, k):
 def test_bad_uploads_are_rejected_and_leave_the_server_untouched(what):
     cfg = Config(k=8)
     _, pid = make_pool(RUN_SEED, 8)
-    s = KSeedServer(cfg, RUN_SEED, "examples", pro=True)
+    s = KSeedProServer(cfg, None, RUN_SEED, "examples")
     s.aggregate(0, [Upload(0, 2, encode_upload(3 + 1, 0, pid, np.array([3]), np.array([2.0])))])
     before = s.state_dict()
     down_before = s.download(1, None)
@@ -317,7 +319,7 @@ def test_bad_uploads_are_rejected_and_leave_the_server_untouched(what):
 
 def test_client_rejects_foreign_or_stale_downloads():
     cfg = Config(k=16)
-    server = KSeedServer(cfg, RUN_SEED, "examples")
+    server = KSeedServer(cfg, None, RUN_SEED, "examples")
     other = KSeedClient(cfg, tiny_llama(), RUN_SEED + 1)
     with pytest.raises(wire.MessageError, match="run seed or k"):
         other.sync(server.download(0, None))
@@ -374,7 +376,7 @@ def test_rebuild_from_w0_matches_the_global_model(dist, mode):
 def test_lagging_client_catches_up_with_a_sparse_download():
     cfg = Config(k=64, eta=2e-3, eps=1e-3)
     model0 = tiny_llama()
-    server = KSeedServer(cfg, RUN_SEED, "examples")
+    server = KSeedServer(cfg, None, RUN_SEED, "examples")
     trainer = KSeedClient(cfg, copy.deepcopy(model0), RUN_SEED)
     lagging = KSeedClient(cfg, copy.deepcopy(model0), RUN_SEED)
     for r in range(4):
@@ -400,7 +402,7 @@ def test_rebuild_time_grows_with_the_seeds_touched():
     for k in (16, 256):
         for rounds in (2, 8):
             cfg = Config(k=k)
-            server = KSeedServer(cfg, RUN_SEED, "examples")
+            server = KSeedServer(cfg, None, RUN_SEED, "examples")
             _, pid = make_pool(RUN_SEED, k)
             rng = np.random.default_rng(0)
             for r in range(rounds):  # 4 clients x 10 steps per round, synthetic scalars
@@ -427,8 +429,8 @@ def test_rebuild_time_grows_with_the_seeds_touched():
 def test_pro_probabilities_on_a_hand_computed_history():
     cfg = Config(k=4, clip=1000.0)
     _, pid = make_pool(RUN_SEED, 4)
-    s = KSeedServer(cfg, RUN_SEED, "examples", pro=True)
-    client = KSeedClient(cfg, tiny_llama(), RUN_SEED, pro=True)
+    s = KSeedProServer(cfg, None, RUN_SEED, "examples")
+    client = KSeedProClient(cfg, tiny_llama(), RUN_SEED)
     client.sync(s.download(0, None))
     assert np.allclose(client.probs, 0.25)  # all histories [0]: uniform
     s.aggregate(0, [Upload(0, 1, encode_upload(4, 0, pid, np.array([0, 1]),
@@ -453,7 +455,7 @@ def test_pro_trains_and_rebuilds_like_fedkseed():
     cfg = Config(k=32, eta=2e-3, eps=1e-3)
     model0, _, _, server, _ = run_rounds(cfg, 3, pro=True, clients=(0, 1))
     assert server.hist_count.sum() == 32 + 3 * 2 * 3
-    fresh = KSeedClient(cfg, copy.deepcopy(model0), RUN_SEED, pro=True)
+    fresh = KSeedProClient(cfg, copy.deepcopy(model0), RUN_SEED)
     fresh.sync(server.download(3, None))
     assert max(rel_errors(fresh.model, reference_model(model0, server, cfg))) < 1e-6
     assert np.allclose(fresh.probs, server.probabilities())

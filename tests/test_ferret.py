@@ -285,7 +285,7 @@ def test_one_round_error_matches_the_predicted_variance():
     E||Delta~ - Delta||^2 = sum_l (d_l + 1) / K_l ||Delta_l||^2; the observed error is within a
     factor 2 of that prediction at two values of K (and so shrinks as K grows)."""
     from fedtune.methods.ferret import decode_upload_body
-    from fedtune.training import local_train
+    from fedtune.methods.training import local_train
 
     ref = _tiny()
     w0 = trainable_state(ref)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 
@@ -27,3 +28,16 @@ def test_a_second_method_with_a_taken_name_or_id_is_refused(monkeypatch):
     assert registry.get_method("ferret2").method_id == 200
     with pytest.raises(KeyError, match="unknown method"):
         registry.get_method("nope")
+
+
+@pytest.mark.parametrize("name", sorted(registry.METHODS))
+def test_halves_are_classes_with_one_constructor_shape_and_the_spec_wire_id(name):
+    """A spec names its server and client classes (no forwarding lambdas): every server takes
+    (cfg, initial, run_seed, weighting), every client (cfg, model, run_seed), and both carry the
+    spec's wire id."""
+    spec = registry.get_method(name)
+    for cls, params in ((spec.make_server, ["cfg", "initial", "run_seed", "weighting"]),
+                        (spec.make_client, ["cfg", "model", "run_seed"])):
+        assert inspect.isclass(cls), cls
+        assert list(inspect.signature(cls).parameters) == params
+        assert cls.method_id == spec.method_id

@@ -27,8 +27,8 @@ from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
 from fedtune.evaluation import BASELINE_KEYS, SCORER_NAME, evaluate
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
+from fedtune.methods.training import NonFiniteLossError
 from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
-from fedtune.training import NonFiniteLossError
 
 CHECKPOINT_VERSION = 1
 

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fedtune import wire
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -80,6 +82,53 @@ def _sync_cuda() -> None:
         torch.cuda.synchronize()
 
 
+# --- what every server does with a round's uploads ---------------------------------------------
+
+
+def client_weights(uploads: list[Upload], weighting: str) -> list[float]:
+    """Aggregation weights: n_i / sum n (``examples``) or 1 / m (``equal``)."""
+    if weighting == "equal":
+        return [1.0 / len(uploads)] * len(uploads)
+    total = sum(u.num_examples for u in uploads)
+    if total <= 0:
+        raise wire.MessageError("uploads report no training examples")
+    return [u.num_examples / total for u in uploads]
+
+
+def decode_upload(upload: Upload, decode) -> Any:
+    """``decode(upload.payload)``, with a MessageError naming the client if it is bad."""
+    try:
+        return decode(upload.payload)
+    except wire.MessageError as e:
+        raise wire.MessageError(f"client {upload.client_id}: {e}", upload.client_id) from None
+
+
+MAX_EXAMPLES = 10**9
+"""Largest example count an upload may report (its aggregation weight comes from it)."""
+
+
+def check_uploads(uploads: list[Upload]) -> None:
+    """One upload per client, each with a whole example count in [0, MAX_EXAMPLES]."""
+    if not uploads:
+        raise wire.MessageError("no uploads to aggregate")
+    seen: set[int] = set()
+    for u in uploads:
+        if u.client_id in seen:
+            raise wire.MessageError(f"client {u.client_id} uploaded twice in one round",
+                                    u.client_id)
+        seen.add(u.client_id)
+        n = u.num_examples
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_EXAMPLES:
+            raise wire.MessageError(f"client {u.client_id}: example count {n!r} is not a whole "
+                                    f"number in [0, {MAX_EXAMPLES}]", u.client_id)
+
+
+def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
+    """Decode every upload before any state changes; name the client whose upload is bad."""
+    check_uploads(uploads)
+    return [decode_upload(u, decode) for u in uploads]
+
+
 class Server(Protocol):
     def download(self, round: int, since: int | None) -> bytes:
         """The message that brings a client at global round ``since`` to ``round``."""
@@ -114,11 +163,12 @@ class MethodSpec:
     """Wire id, unique per method, part of the protocol: never reuse one."""
     config_cls: type
     make_server: Callable[..., Server]
-    """``make_server(cfg, initial: dict[str, Tensor], run_seed: int, weighting: str) -> Server``
-    where ``initial`` is the trainable state of the (prepared) model and ``weighting`` is
-    ``"examples"`` (n_i / sum n) or ``"equal"``."""
+    """The server class: ``make_server(cfg, initial: dict[str, Tensor], run_seed: int,
+    weighting: str)``, where ``initial`` is the trainable state of the (prepared) model and
+    ``weighting`` is ``"examples"`` (n_i / sum n) or ``"equal"``. Every method's server takes
+    these four, used or not, so a spec names the class itself."""
     make_client: Callable[..., Client]
-    """``make_client(cfg, model, run_seed: int) -> Client``"""
+    """The client class: ``make_client(cfg, model, run_seed: int)``."""
     prepare_model: Callable[[torch.nn.Module, Any, int], torch.nn.Module] | None = None
     """Optional ``(model, cfg, run_seed) -> model``: wrap or freeze before training (LoRA
     adapters). Must be deterministic: every process calls it and must get the same model."""

@@ -25,8 +25,16 @@ from typing import Any, Literal
 import torch
 
 from fedtune import wire
-from fedtune.methods.base import FitContext, MethodSpec, Upload, trainable_parameters
-from fedtune.training import local_train
+from fedtune.methods.base import (
+    FitContext,
+    MethodSpec,
+    Upload,
+    check_uploads,
+    client_weights,
+    decode_upload,
+    trainable_parameters,
+)
+from fedtune.methods.training import local_train
 
 METHOD_ID = 1
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,50 +44,6 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 class Config:
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of the weights on the wire (the server accumulates in float32)."""
-
-
-def client_weights(uploads: list[Upload], weighting: str) -> list[float]:
-    """Aggregation weights: n_i / sum n (``examples``) or 1 / m (``equal``)."""
-    if weighting == "equal":
-        return [1.0 / len(uploads)] * len(uploads)
-    total = sum(u.num_examples for u in uploads)
-    if total <= 0:
-        raise wire.MessageError("uploads report no training examples")
-    return [u.num_examples / total for u in uploads]
-
-
-def decode_upload(upload: Upload, decode) -> Any:
-    """``decode(upload.payload)``, with a MessageError naming the client if it is bad."""
-    try:
-        return decode(upload.payload)
-    except wire.MessageError as e:
-        raise wire.MessageError(f"client {upload.client_id}: {e}", upload.client_id) from None
-
-
-MAX_EXAMPLES = 10**9
-"""Largest example count an upload may report (its aggregation weight comes from it)."""
-
-
-def check_uploads(uploads: list[Upload]) -> None:
-    """One upload per client, each with a whole example count in [0, MAX_EXAMPLES]."""
-    if not uploads:
-        raise wire.MessageError("no uploads to aggregate")
-    seen: set[int] = set()
-    for u in uploads:
-        if u.client_id in seen:
-            raise wire.MessageError(f"client {u.client_id} uploaded twice in one round",
-                                    u.client_id)
-        seen.add(u.client_id)
-        n = u.num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_EXAMPLES:
-            raise wire.MessageError(f"client {u.client_id}: example count {n!r} is not a whole "
-                                    f"number in [0, {MAX_EXAMPLES}]", u.client_id)
-
-
-def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
-    """Decode every upload before any state changes; name the client whose upload is bad."""
-    check_uploads(uploads)
-    return [decode_upload(u, decode) for u in uploads]
 
 
 class WeightsServer:
@@ -92,7 +56,8 @@ class WeightsServer:
     """False: uploads are weights, the new global is their average. True: uploads are
     ``w_local - w_global``, the new global is ``w_global`` plus their average."""
 
-    def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], weighting: str):
+    def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
+                 weighting: str):
         self.cfg = cfg
         self.weighting = weighting
         # float32 on the CPU, whatever the model's dtype and device (see the module docstring)
@@ -153,7 +118,7 @@ class WeightsClient:
     upload_prefix = b""
     """Bytes put before the weights in every upload (FeDeRA/FedIT: the frozen base's digest)."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module):
+    def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
         self.cfg = cfg
         self.model = model
         self.params = trainable_parameters(model)
@@ -187,7 +152,7 @@ METHOD = MethodSpec(
     name="fedavg",
     method_id=METHOD_ID,
     config_cls=Config,
-    make_server=lambda cfg, initial, run_seed, weighting: WeightsServer(cfg, initial, weighting),
-    make_client=lambda cfg, model, run_seed: WeightsClient(cfg, model),
+    make_server=WeightsServer,
+    make_client=WeightsClient,
     summary="full-parameter local training, weighted average of the uploaded weights",
 )

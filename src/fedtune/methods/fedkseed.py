@@ -62,8 +62,14 @@ import numpy as np
 import torch
 
 from fedtune import wire
-from fedtune.methods.base import FitContext, MethodSpec, Upload, trainable_parameters
-from fedtune.methods.fedavg import client_weights, decode_uploads
+from fedtune.methods.base import (
+    FitContext,
+    MethodSpec,
+    Upload,
+    client_weights,
+    decode_uploads,
+    trainable_parameters,
+)
 from fedtune.methods.zo import ZOStepper, check_options
 from fedtune.randomness import add_directions_, derive_seed, seed_pool
 
@@ -236,11 +242,15 @@ def decode_upload(method_id: int, data: bytes, round_: int, k: int,
 class KSeedServer:
     """Keeps the per-seed accumulated scalars (and Pro's histories); needs no model."""
 
-    def __init__(self, cfg: Config, run_seed: int, weighting: str, pro: bool = False):
+    method_id = METHOD_ID
+    pro = False
+    """FedKSeed-Pro (``KSeedProServer``): seeds sampled by the importance of their history."""
+
+    def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor] | None, run_seed: int,
+                 weighting: str):
         if weighting not in ("examples", "equal"):
             raise ValueError(f"weighting {weighting!r}: use 'examples' or 'equal'")
-        self.cfg, self.weighting, self.pro = cfg, weighting, pro
-        self.method_id = METHOD_ID_PRO if pro else METHOD_ID
+        self.cfg, self.weighting = cfg, weighting
         self.k = cfg.k
         _, self.pool_id = make_pool(run_seed, cfg.k)
         self.round = 0
@@ -310,9 +320,11 @@ class KSeedServer:
 class KSeedClient:
     """Owns the process's model; see the module docstring for how it tracks its state."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int, pro: bool = False):
-        self.cfg, self.model, self.pro = cfg, model, pro
-        self.method_id = METHOD_ID_PRO if pro else METHOD_ID
+    method_id = METHOD_ID
+    pro = False
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
+        self.cfg, self.model = cfg, model
         self.k = cfg.k
         self.pool, self.pool_id = make_pool(run_seed, cfg.k)
         self.params = list(trainable_parameters(model).values())
@@ -424,21 +436,30 @@ class KSeedClient:
                                  np.asarray(g_out, dtype=np.float64))
 
 
+class KSeedProServer(KSeedServer):
+    method_id = METHOD_ID_PRO
+    pro = True
+
+
+class KSeedProClient(KSeedClient):
+    method_id = METHOD_ID_PRO
+    pro = True
+
+
 spec_fedkseed = MethodSpec(
     name="fedkseed",
     method_id=METHOD_ID,
     config_cls=Config,
-    make_server=lambda cfg, initial, run_seed, weighting: KSeedServer(cfg, run_seed, weighting),
-    make_client=lambda cfg, model, run_seed: KSeedClient(cfg, model, run_seed),
+    make_server=KSeedServer,
+    make_client=KSeedClient,
     summary="zeroth-order full-parameter tuning over a pool of K seeds; (seed, scalar) uploads",
 )
 spec_fedkseed_pro = MethodSpec(
     name="fedkseed_pro",
     method_id=METHOD_ID_PRO,
     config_cls=Config,
-    make_server=lambda cfg, initial, run_seed, weighting: KSeedServer(cfg, run_seed, weighting,
-                                                                      pro=True),
-    make_client=lambda cfg, model, run_seed: KSeedClient(cfg, model, run_seed, pro=True),
+    make_server=KSeedProServer,
+    make_client=KSeedProClient,
     summary="FedKSeed with seed probabilities from the history of reported scalars",
 )
 METHODS = [spec_fedkseed, spec_fedkseed_pro]

@@ -60,8 +60,8 @@ class FedZOServer(WeightsServer):
 class FedZOClient(WeightsClient):
     method_id = METHOD_ID
 
-    def __init__(self, cfg: Config, model: torch.nn.Module):
-        super().__init__(cfg, model)
+    def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
+        super().__init__(cfg, model, run_seed)
         self.stepper = ZOStepper(list(self.params.values()), cfg.eps, cfg.eta, cfg.distribution,
                                  cfg.mode, model)
         self.skipped = 0
@@ -106,7 +106,7 @@ METHOD = MethodSpec(
     name="fedzo",
     method_id=METHOD_ID,
     config_cls=Config,
-    make_server=lambda cfg, initial, run_seed, weighting: FedZOServer(cfg, initial, weighting),
-    make_client=lambda cfg, model, run_seed: FedZOClient(cfg, model),
+    make_server=FedZOServer,
+    make_client=FedZOClient,
     summary="zeroth-order local steps with fresh directions; full weight deltas averaged",
 )

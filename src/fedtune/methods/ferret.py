@@ -3,7 +3,7 @@ and about ``K`` coordinates in random bases that everyone regenerates from the s
 
 Round ``r``, client ``i``:
 
-1. sync to ``w_r``; ``T`` first-order steps (``fedtune.training.local_train``) give ``w_r^i``;
+1. sync to ``w_r``; ``T`` first-order steps (``fedtune.methods.training.local_train``) give ``w_r^i``;
    ``Delta_i = w_r - w_r^i`` (block by block, in float32).
 2. Blocks (``projection.block_groups``): the trainable tensors grouped as in the reference code.
    ``K_l`` bases for block ``l`` (``projection.allocate``: proportional to ``||Delta_l||``, at
@@ -65,9 +65,15 @@ import torch
 
 from fedtune import randomness, wire
 from fedtune.methods import projection
-from fedtune.methods.base import FitContext, MethodSpec, Upload, trainable_parameters
-from fedtune.methods.fedavg import client_weights, decode_uploads
-from fedtune.training import local_train
+from fedtune.methods.base import (
+    FitContext,
+    MethodSpec,
+    Upload,
+    client_weights,
+    decode_uploads,
+    trainable_parameters,
+)
+from fedtune.methods.training import local_train
 
 METHOD_ID = 5
 MODES = {"paper": 0, "reference": 1}
@@ -536,9 +542,8 @@ METHOD = MethodSpec(
     name="ferret",
     method_id=METHOD_ID,
     config_cls=Config,
-    make_server=lambda cfg, initial, run_seed, weighting: FerretServer(cfg, initial, run_seed,
-                                                                       weighting),
-    make_client=lambda cfg, model, run_seed: FerretClient(cfg, model, run_seed),
+    make_server=FerretServer,
+    make_client=FerretClient,
     summary="first-order local training; updates sent as a seed and ~K coordinates in random "
             "block bases, rebuilt with shared randomness",
 )

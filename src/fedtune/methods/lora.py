@@ -191,10 +191,9 @@ class LoraServer(WeightsServer):
     """FedAvg over the adapter (and head) tensors; checks that every client's frozen base has
     the same digest (the first accepted one is pinned)."""
 
-    def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], weighting: str,
-                 method_id: int):
-        super().__init__(cfg, initial, weighting)
-        self.method_id = method_id
+    def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
+                 weighting: str):
+        super().__init__(cfg, initial, run_seed, weighting)
         self.base_digest: bytes | None = None
         self._pending: bytes | None = None
 
@@ -231,24 +230,19 @@ class LoraClient(WeightsClient):
     """Loads the global adapters, trains them (and the head) first-order, uploads them with the
     digest of its frozen base."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, method_id: int):
-        super().__init__(cfg, model)
-        self.method_id = method_id
+    def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
+        super().__init__(cfg, model, run_seed)
         self.digest = base_digest(model)
         self.upload_prefix = self.digest
 
 
 def _spec(name: str, method_id: int, init: str, summary: str) -> MethodSpec:
-    return MethodSpec(
-        name=name,
-        method_id=method_id,
-        config_cls=Config,
-        make_server=lambda cfg, initial, run_seed, weighting: LoraServer(
-            cfg, initial, weighting, method_id),
-        make_client=lambda cfg, model, run_seed: LoraClient(cfg, model, method_id),
-        prepare_model=functools.partial(prepare_model, init=init),
-        summary=summary,
-    )
+    """FedIT and FeDeRA differ only in the adapters' initialisation and their wire id."""
+    server = type(f"{name}Server", (LoraServer,), {"method_id": method_id})
+    client = type(f"{name}Client", (LoraClient,), {"method_id": method_id})
+    return MethodSpec(name=name, method_id=method_id, config_cls=Config, make_server=server,
+                      make_client=client, prepare_model=functools.partial(prepare_model, init=init),
+                      summary=summary)
 
 
 fedit_spec = _spec("fedit", FEDIT_ID, "lora",

@@ -8,8 +8,6 @@ half its spacing (|w| / 256) is lost; with small learning rates prefer a float32
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedtune.methods.base import FitContext, trainable_parameters
@@ -29,17 +27,16 @@ def make_optimizer(params, train) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {train.optimizer!r}: use 'sgd' or 'adamw'")
 
 
-def local_train(model: torch.nn.Module, data: ClientData, ctx: FitContext) -> float:
+def local_train(model: torch.nn.Module, data: ClientData, ctx: FitContext) -> None:
     """``train.local_steps`` optimiser steps, each accumulating ``train.grad_accum`` mini-batches
-    of ``train.batch_size``. Returns the mean training loss. Batches come from ``ctx.seed``, so a
-    rerun (or a resumed run) sees the same batches."""
+    of ``train.batch_size``; each step's loss goes to ``ctx.losses`` and ``ctx.on_step``.
+    Batches come from ``ctx.seed``, so a rerun (or a resumed run) sees the same batches."""
     train, task = ctx.train, ctx.task
     params = list(trainable_parameters(model).values())
     opt = make_optimizer(params, train)
     gen = torch.Generator().manual_seed(ctx.seed)
     batches = data.batches(train.batch_size, gen)
     model.train()
-    losses = []
     for step in range(train.local_steps):
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -56,9 +53,7 @@ def local_train(model: torch.nn.Module, data: ClientData, ctx: FitContext) -> fl
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         opt.step()
-        losses.append(step_loss)
         ctx.losses.append(step_loss)
         ctx.on_step(step, step_loss)
     model.eval()
     opt.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses) if losses else math.nan
