@@ -13,7 +13,7 @@ Parts (each writes its section of ``benchmarks/ferret.json``; ``report`` renders
 
 ``throughput`` trains one client for a few steps to get a real update Delta, then times the
 client's projection (``FerretClient.project``) and one reconstruction of that upload
-(``Rebuilder.apply``) for each basis distribution, and the generator's own rate filling a
+(``Mode.apply``) for each basis distribution, and the generator's own rate filling a
 preallocated tensor with the same distribution. ``accuracy`` runs the in-process engine
 (``fedtune.engines.inprocess.run``) with identical data, clients, rounds and local steps for
 each method and keeps its per-round metrics (eval loss, bytes, phase times) and the final
@@ -140,9 +140,9 @@ def throughput(args) -> dict[str, Any]:
     from fedtune.methods.ferret import (
         Config,
         FerretClient,
-        Rebuilder,
         decode_upload_body,
         encode_upload_body,
+        make_mode,
     )
     from fedtune.methods.training import local_train
 
@@ -175,7 +175,7 @@ def throughput(args) -> dict[str, Any]:
 
         record = struct.pack("<BdH", 0, 1.0, 1) + struct.pack("<dI", 1.0, len(body)) + body
         rebuilt = [t.clone() for t in snapshot]
-        reb = Rebuilder(mcfg, client.layout, cfg.seed)
+        reb = make_mode(mcfg, client.layout, cfg.seed)
         t0 = time.perf_counter()
         reb.apply(rebuilt, record)
         rebuild_s = time.perf_counter() - t0
@@ -277,7 +277,7 @@ def render(res: dict[str, Any]) -> str:
                   "preallocated tensor, the best of {1, default} torch threads x {one segment "
                   "(64K, 256K for rademacher), 4M entries}; projection / raw and "
                   "reconstruction / raw are numbers generated per second of "
-                  "`FerretClient.project` and `Rebuilder.apply` divided by it. ‖Δ~-Δ‖/‖Δ‖: one client's reconstruction error relative to "
+                  "`FerretClient.project` and `Mode.apply` divided by it. ‖Δ~-Δ‖/‖Δ‖: one client's reconstruction error relative to "
                   "its update (unbiased, but with K << d the variance is large: about "
                   "sqrt(d_l / K_l) per block)."),
                   "", (f"For reference, on this machine now: {rates} (preallocated 4M-entry "

@@ -21,6 +21,8 @@ from fedtune.methods.ferret import (
     METHOD,
     Config,
     Layout,
+    PaperMode,
+    ReferenceMode,
     encode_upload_body,
     parse_download,
 )
@@ -448,7 +450,8 @@ def test_config_and_registry():
     with pytest.raises(ValueError, match="reference-mode"):
         Config(server_momentum=0.9)
     with pytest.raises(ValueError, match="method.k >= "):
-        Layout(Config(k=4), [(f"t{i}", torch.Size([10])) for i in range(5)])
+        PaperMode(Config(k=4), Layout(Config(k=4), [(f"t{i}", torch.Size([10]))
+                                                    for i in range(5)]), 0)
 
 
 def test_in_process_engine_runs_ferret_and_the_final_model_is_the_servers(jsonl_data, tmp_path):
@@ -476,6 +479,26 @@ def test_in_process_engine_runs_ferret_and_the_final_model_is_the_servers(jsonl_
         assert torch.equal(final[n], t), n
 
 
+def test_reference_allocation_is_the_authors_rule():
+    """max(int(K norm_l / max norm), 2) with K the pool: the largest block uses the whole pool,
+    the others in proportion (truncated), none fewer than 2; a NaN norm gets 2."""
+    layout = Layout(Config(mode="reference"), [(f"t{i}", torch.Size([10])) for i in range(5)])
+    mode = ReferenceMode(Config(mode="reference"), layout, 0)
+    assert mode.allocate([1.0, 0.5, 0.2049, 0.004, float("nan")]) == [200, 100, 40, 2, 2]
+    assert mode.allocate([0.0] * 3) == [2, 2, 2]
+    # the bound is the pool per block, not method.k: 200 x 5 coordinates are accepted
+    cfg = Config(k=8, mode="reference")
+    server = METHOD.make_server(cfg, {f"t{i}": torch.zeros(10) for i in range(5)}, 0, "equal")
+    for counts, ok in (([200] * 5, True), ([201] + [2] * 4, False)):
+        body = wire.frame(5, wire.UP, 0, encode_upload_body(cfg, layout, 3, counts,
+                                                            [1e-3] * sum(counts)))
+        if ok:
+            server.decode(body, 0)
+        else:
+            with pytest.raises(wire.MessageError, match="201 bases in a block, more than 200"):
+                server.decode(body, 0)
+
+
 def test_reference_mode_uses_the_shared_pool_the_d_over_k_scale_and_the_clip():
     cfg = Config(k=64, mode="reference", pool_size=8, clip_norm=1e-3)
     model = _tiny()
@@ -486,14 +509,16 @@ def test_reference_mode_uses_the_shared_pool_the_d_over_k_scale_and_the_clip():
         for p in client.params.values():
             p.add_(0.01 * torch.randn_like(p))
     counts, coords = client.project(snapshot, seed=77)
-    assert max(counts) <= 8 and sum(counts) == len(coords)
-    reb, layout, params = client.rebuilder, client.layout, list(client.params.values())
+    mode, layout, params = client.mode, client.layout, list(client.params.values())
+    norms = [float(torch.cat(client.block_delta(snapshot, params, b)).norm())
+             for b in range(len(layout))]
+    assert counts == mode.allocate(norms) and max(counts) == 8 and sum(counts) == len(coords)
     pos = 0
     for block, n in enumerate(counts):
         delta = torch.cat(client.block_delta(snapshot, params, block)).double()
         d = layout.sizes[block]
-        for j, k in enumerate(reb.ref_indices(77, block, n)):
-            v = projection.dense_bases(reb.ref_stream(k, block), 1, d, "truncnormal")[0]
+        for j, k in enumerate(mode.indices(77, block, n)):
+            v = projection.dense_bases(mode.stream(k, block), 1, d, "truncnormal")[0]
             assert coords[pos + j] == pytest.approx(float(v.double() @ delta) * d / n,
                                                     rel=1e-5, abs=1e-9)
         pos += n
@@ -501,7 +526,7 @@ def test_reference_mode_uses_the_shared_pool_the_d_over_k_scale_and_the_clip():
     server = METHOD.make_server(cfg, w0, 0, "equal")
     body = wire.frame(5, wire.UP, 0, encode_upload_body(cfg, layout, 77, counts, coords))
     server.aggregate(0, [Upload(0, 1, body)])
-    terms = int((server.table != 0).sum())
+    terms = int((server.mode.table != 0).sum())
     moved = 0.0  # sum over blocks of the block's change: at most (terms in it) x clip_norm
     for group in layout.groups:
         names = [layout.names[i] for i in group]

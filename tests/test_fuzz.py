@@ -76,7 +76,7 @@ def _same(a: list, b: list) -> bool:
 
 def _client_state(client) -> list:
     keep = {k: v for k, v in vars(client).items()
-            if k not in ("model", "params", "stepper", "cfg", "rebuilder", "layout")}
+            if k not in ("model", "params", "stepper", "cfg", "mode", "layout")}
     return _state(keep) + _state(dict(trainable_parameters(client.model)))
 
 
