@@ -72,6 +72,13 @@ METHODS = {
     # 4x the coordinates at about the default's generation time (random bits are ~4x cheaper)
     "ferret-k2048-rademacher": {"method.name": "ferret", "method.k": 2048,
                                 "method.distribution": "rademacher"},
+    # the authors' code and settings: shared pool of 200 seeds, their allocation, server_lr 10,
+    # clip 10; local work lr 1e-4, 10 steps of 4 samples (batch 1, 4 accumulated); one round
+    "ferret-reference-authors": {"method.name": "ferret", "method.mode": "reference",
+                                 "method.server_lr": 10, "method.clip_norm": 10,
+                                 "train.lr": 1e-4, "train.local_steps": 10,
+                                 "train.batch_size": 1, "train.grad_accum": 4,
+                                 "federation.rounds": 1},
 }
 
 

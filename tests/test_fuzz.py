@@ -123,3 +123,16 @@ def test_mutated_messages_raise_message_error_and_change_nothing(name, opts):
             assert _same(_client_state(fresh), clean)
             continue
         fresh = spec.make_client(cfg, copy.deepcopy(pristine), 0)
+
+
+@pytest.mark.parametrize("name,opts", METHODS,
+                         ids=[f"{n}-{o.get('mode', '')}" for n, o in METHODS])
+def test_a_server_refuses_to_describe_a_round_it_has_not_reached(name, opts):
+    """A download header tagged with a round ahead of the server's would tell a client it holds
+    a model nobody has: every server refuses (at round 2 here)."""
+    _, _, server, _, _ = _setup(name, opts)
+    assert server.round == 2
+    with pytest.raises(ValueError, match="server is at round 2"):
+        server.download(3, None)
+    assert wire.unframe(server.download(2, None), method_id=server.method_id,
+                        kind=wire.DOWN)[0].round == 2

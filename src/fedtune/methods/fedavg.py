@@ -70,6 +70,8 @@ class WeightsServer:
         return {n: (tuple(t.shape), wd) for n, t in self.weights.items()}
 
     def download(self, round: int, since: int | None) -> bytes:
+        if round != self.round:  # the weights held are round self.round's, no other's
+            raise ValueError(f"server is at round {self.round}, cannot describe round {round}")
         wd = WIRE_DTYPES[self.cfg.wire_dtype]
         body = wire.tensor_parts({n: t.to(wd) for n, t in self.weights.items()})
         return wire.frame(self.method_id, wire.DOWN, round, body)
