@@ -224,13 +224,26 @@ def throughput(args) -> dict[str, Any]:
 # --- accuracy ------------------------------------------------------------------------------------
 
 
+def variant(name: str) -> dict[str, Any]:
+    """A named entry of METHODS, or ``base:key=value,...`` for a sweep point: ``base`` a METHODS
+    entry, a key without a dot a ``method.`` option, a dotted key any config key (for example
+    ``ferret:k=8192,distribution=rademacher,federation.clients_per_round=0.125``)."""
+    base, _, opts = name.partition(":")
+    extra = dict(METHODS[base])
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        extra[key if "." in key else f"method.{key}"] = value
+    return extra
+
+
 def accuracy(method: str) -> dict[str, Any]:
     from fedtune.engines.inprocess import run
 
-    over = overrides(METHODS[method])
+    over = overrides(variant(method))
     cfg = load_config(None, over)
     t0 = time.perf_counter()
-    rows = run(cfg, Path("/tmp") / f"bench-ferret-{method}-{os.getpid()}", progress=True)
+    out_dir = Path("/tmp") / f"bench-ferret-{os.getpid()}-{len(method)}"
+    rows = run(cfg, out_dir, progress=True)
     return {"overrides": over, "rows": rows, "wall_s": time.perf_counter() - t0,
             "method_options": {k: v for k, v in vars(cfg.method_config()).items()}}
 
@@ -291,10 +304,23 @@ def render(res: dict[str, Any]) -> str:
                   "tensor). FedAvg sends the full weights: "
                   f"{tp['fedavg_bytes']:,} B per message, {tp['fedavg_bytes'] / up:,.0f}x "
                   f"Ferret's fp32 upload."), ""]
-    acc = res.get("accuracy", {})
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, r in res.get("accuracy", {}).items():
+        key = tuple(o for o in r["overrides"] if not o.startswith("method."))
+        groups.setdefault(key, {})[name] = r
+    for n, acc in enumerate(groups.values()):
+        lines += _accuracy_section(acc, "Accuracy at equal rounds" if n == 0
+                                   else f"Accuracy at equal rounds, other settings ({n})")
+    if res.get("notes"):
+        lines += ["## Findings", "", res["notes"], ""]
+    return "\n".join(lines)
+
+
+def _accuracy_section(acc: dict[str, Any], title: str) -> list[str]:
+    lines: list[str] = []
     if acc:
         any_run = next(iter(acc.values()))
-        lines += ["## Accuracy at equal rounds", "",
+        lines += [f"## {title}", "",
                   "Same data, partition (one client per training task), sampled clients, local "
                   "steps and evaluation for every method; in-process engine. Settings: `"
                   + " ".join(o for o in any_run["overrides"] if not o.startswith("method."))
@@ -343,9 +369,7 @@ def render(res: dict[str, Any]) -> str:
                   "i.e. the client reconstruction for Ferret and FedKSeed). Ferret's download "
                   "carries every participating client's upload for each missing round, so it "
                   "grows with the rounds a client was away."), ""]
-    if res.get("notes"):
-        lines += ["## Findings", "", res["notes"], ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
