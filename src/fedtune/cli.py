@@ -95,13 +95,17 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from fedtune.compare import baseline_lines, read_run
     from fedtune.engines.rounds import summary_table
     from fedtune.runlog import RunLog
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise _UserError(f"{args.run_dir}: no metrics.jsonl; is it a run folder?")
     log = RunLog(Path(args.run_dir))
-    print(summary_table(log.read_metrics()))
+    rows = log.read_metrics()
+    print(summary_table(rows))
+    if rows:
+        print("", *baseline_lines(read_run(log.dir)), sep="\n")
     summary = log.dir / "summary.json"
     if summary.is_file():
         print(json.dumps(json.loads(summary.read_text()), indent=2))
