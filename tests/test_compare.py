@@ -188,3 +188,19 @@ def test_report_prints_each_metric_beside_its_baselines(two_runs, tmp_path, caps
     (run_dir / "metrics.jsonl").write_text(json.dumps(hand[0] | {"accuracy_majority": None}))
     assert cli.main(["report", str(run_dir)]) == 0
     assert "no majority-label baseline recorded" in capsys.readouterr().out
+
+
+def test_run_ends_with_baselines_and_bytes_beside_fedavg(jsonl_data, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    items = tiny_overrides(jsonl_data, tmp_path, **{"method.name": "ferret", "method.k": 64,
+                                                   "federation.rounds": 1,
+                                                   "output.save_model": False})
+    assert cli.main(["run", *items, "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out.split("\nrun folder:")[0].rsplit("\n\n", 1)[1]
+    rows, summary = _rows(out_dir), json.loads((out_dir / "summary.json").read_text())
+    up = rows[1]["bytes_up_total"] / len(rows[1]["clients"])
+    fedavg = 4 * summary["model_params"]
+    assert f"Rouge-L {rows[1]['rouge_l']:.4f} after round 1; copying the input " in text
+    assert (f"bytes per client per round: {human_bytes(up)} up" in text
+            and f"FedAvg would send the float32 weights, about {human_bytes(fedavg)} each way "
+            f"({fedavg / up:,.0f}x this upload)" in text)

@@ -235,6 +235,21 @@ def baseline_lines(run: Run) -> list[str]:
     return lines
 
 
+def bytes_line(run: Run) -> str | None:
+    """Bytes per client-round beside what FedAvg sends: the whole model in float32, about
+    4 B per parameter each way (plus a few kB of tensor names)."""
+    n, params = run_numbers(run), (run.summary or {}).get("model_params")
+    if not n["client_rounds"] or not params:
+        return None
+    up, down = n["bytes_up_per_client_round"], n["bytes_down_per_client_round"]
+    line = (f"bytes per client per round: {human_bytes(up)} up, {human_bytes(down)} down "
+            f"({n['method']})")
+    if n["method"] != "fedavg":
+        line += (f"; FedAvg would send the float32 weights, about {human_bytes(4 * params)} "
+                 f"each way ({4 * params / max(up, 1):,.0f}x this upload)")
+    return line
+
+
 # --- the plots ---------------------------------------------------------------------------------
 
 METRIC_LABELS = {"accuracy": "accuracy (share of held-out examples)",
