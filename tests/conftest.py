@@ -21,11 +21,9 @@ GPU); pinned so that the suite does the same on a machine with a GPU as on one w
 WORDS = ["red", "blue", "green", "small", "large", "quick", "slow", "bright", "dark", "warm"]
 
 
-@pytest.fixture
-def jsonl_data(tmp_path: Path) -> Path:
-    """120 Alpaca-shaped examples in 3 categories; the answer is a function of the input, so a
-    model can learn it."""
-    path = tmp_path / "data.jsonl"
+def write_words_jsonl(path: Path) -> Path:
+    """120 Alpaca-shaped examples in 3 categories; the answer (the input's second word) is a
+    function of the input, so a model can learn it."""
     with path.open("w") as f:
         for i in range(120):
             a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
@@ -36,6 +34,19 @@ def jsonl_data(tmp_path: Path) -> Path:
                 "category": ["colour", "size", "speed"][i % 3],
             }) + "\n")
     return path
+
+
+@pytest.fixture
+def jsonl_data(tmp_path: Path) -> Path:
+    """:func:`write_words_jsonl` in this test's own folder."""
+    return write_words_jsonl(tmp_path / "data.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shared_jsonl_data(tmp_path_factory) -> Path:
+    """:func:`write_words_jsonl` once for the session, for module-scoped run fixtures (tests
+    must not write to it)."""
+    return write_words_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl")
 
 
 def tiny_overrides(data_path: Path, run_dir: Path | None = None, **extra) -> list[str]:

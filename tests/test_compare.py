@@ -24,17 +24,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> list[Path]:
-    from .conftest import WORDS
-
-    root = tmp_path_factory.mktemp("cmp")
-    data = root / "data.jsonl"
-    with data.open("w") as f:
-        for i in range(120):
-            a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
-            f.write(json.dumps({"instruction": "Repeat the second word.", "input": f"{a} {b}",
-                                "output": b, "category": ["colour", "size", "speed"][i % 3]})
-                    + "\n")
+def two_runs(shared_jsonl_data, tmp_path_factory) -> list[Path]:
+    root, data = tmp_path_factory.mktemp("cmp"), shared_jsonl_data
     dirs = []
     for method, extra in [("fedavg", {}), ("fedit", {"method.rank": 4, "train.lr": 0.5})]:
         cfg = load_config(None, tiny_overrides(data, root, **{
@@ -153,7 +144,8 @@ def test_classification_and_labelled_baselines_are_majority_shares():
     tok = SimpleNamespace(pad_token_id=0)
     task = ClassificationTask(tok, num_labels=2)
     examples = [{"input_ids": [1], "label": label} for label in [1, 0, 1, 1, 0, 1, 1, 0, 0, 0]]
-    cfg_eval = SimpleNamespace(max_examples=8, generate=True, generate_examples=4)
+    cfg_eval = SimpleNamespace(max_examples=8, generate=True, generate_examples=4,
+                               rouge="rouge_score")
     # Of the first 8 (the evaluation set): five 1s, three 0s (of all 10: half).
     assert baselines(task, examples, cfg_eval) == {"accuracy_majority": 5 / 8}
     assert majority_share(["fresh", "rotten", "fresh"]) == pytest.approx(2 / 3)
@@ -168,5 +160,47 @@ def test_classification_and_labelled_baselines_are_majority_shares():
     got = baselines(lm, exs, cfg_eval, labels=["rotten", "fresh"])
     assert got["accuracy_majority"] == 3 / 4  # over the 4 generated examples (all 6: half)
     assert got["rouge_l_empty"] == 0.0 and got["rouge_l_copy"] == 0.0
-    off = SimpleNamespace(max_examples=8, generate=False, generate_examples=4)
+    off = SimpleNamespace(max_examples=8, generate=False, generate_examples=4, rouge="rouge")
     assert baselines(lm, exs, off, labels=["rotten", "fresh"]) == {}
+
+
+# --- fedtune report ----------------------------------------------------------------------------
+
+
+def test_report_prints_each_metric_beside_its_baselines(two_runs, tmp_path, capsys):
+    rows = _rows(two_runs[0])
+    assert cli.main(["report", str(two_runs[0])]) == 0
+    out = capsys.readouterr().out
+    assert (f"Rouge-L {rows[-1]['rouge_l']:.4f} after round 3; copying the input "
+            f"{rows[0]['rouge_l_copy']:.4f}, an empty answer {rows[0]['rouge_l_empty']:.4f} "
+            "(rouge-score RougeL F-measure (default tokenizer))") in out
+    # A classifier's run, written by hand: accuracy 0.8 after 2 rounds, majority share 0.555.
+    run_dir = tmp_path / "cls"
+    run_dir.mkdir()
+    hand = [{"round": 0, "eval_loss": 0.69, "accuracy": 0.5, "accuracy_majority": 0.555},
+            {"round": 1, "eval_loss": 0.6, "accuracy": 0.7, "clients": [0]},
+            {"round": 2, "eval_loss": 0.5, "accuracy": 0.8, "clients": [1]}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hand))
+    assert cli.main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy 0.8000 after round 2; majority-label accuracy 0.5550" in out
+    assert "Rouge-L" not in out.split("\n\n", 1)[1]  # no Rouge-L line for a classifier
+    (run_dir / "metrics.jsonl").write_text(json.dumps(hand[0] | {"accuracy_majority": None}))
+    assert cli.main(["report", str(run_dir)]) == 0
+    assert "no majority-label baseline recorded" in capsys.readouterr().out
+
+
+def test_run_ends_with_baselines_and_bytes_beside_fedavg(jsonl_data, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    items = tiny_overrides(jsonl_data, tmp_path, **{"method.name": "ferret", "method.k": 64,
+                                                   "federation.rounds": 1,
+                                                   "output.save_model": False})
+    assert cli.main(["run", *items, "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out.split("\nrun folder:")[0].rsplit("\n\n", 1)[1]
+    rows, summary = _rows(out_dir), json.loads((out_dir / "summary.json").read_text())
+    up = rows[1]["bytes_up_total"] / len(rows[1]["clients"])
+    fedavg = 4 * summary["model_params"]
+    assert f"Rouge-L {rows[1]['rouge_l']:.4f} after round 1; copying the input " in text
+    assert (f"bytes per client per round: {human_bytes(up)} up" in text
+            and f"FedAvg would send the float32 weights, about {human_bytes(fedavg)} each way "
+            f"({fedavg / up:,.0f}x this upload)" in text)

@@ -21,20 +21,7 @@ from fedtune.methods.base import trainable_parameters
 from fedtune.methods.lora import ADAPTER, lora_layers
 from fedtune.tasks import alpaca_prompt
 
-from .conftest import WORDS, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.jsonl"
-    with path.open("w") as f:
-        for i in range(120):
-            a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
-            f.write(json.dumps({"instruction": "Repeat the second word.", "input": f"{a} {b}",
-                                "output": b, "category": ["colour", "size", "speed"][i % 3]})
-                    + "\n")
-    return path
-
+from .conftest import tiny_overrides
 
 CLASSIFIER = {"data.source": "rotten_tomatoes", "data.task": "classification",
               "data.path": None, "data.max_examples": 200, "model.pooling": "mean"}
@@ -49,14 +36,14 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def runs(shared_jsonl_data, tmp_path_factory):
     """name -> (run folder, the run's final model, its experiment), each run made on first use."""
     root = tmp_path_factory.mktemp("runs")
     cache: dict[str, tuple[Path, torch.nn.Module, ex.Experiment]] = {}
 
     def get(name: str):
         if name not in cache:
-            cfg = load_config(None, tiny_overrides(data, root, **{"eval.generate": False,
+            cfg = load_config(None, tiny_overrides(shared_jsonl_data, root, **{"eval.generate": False,
                                                                   **RUNS[name]}))
             exp = ex.setup(cfg)
             model = ex.build_model(exp)
@@ -153,10 +140,10 @@ def test_mean_pooling_classifier_exports_with_labels(runs, tmp_path):
     assert torch.allclose(_logits(merged, exp), want, rtol=0, atol=1e-5)
 
 
-def test_export_refuses_what_it_cannot_export(runs, data, tmp_path):
+def test_export_refuses_what_it_cannot_export(runs, shared_jsonl_data, tmp_path):
     with pytest.raises(export.ExportError, match="no config.yaml"):
         export.export_run(tmp_path, tmp_path / "out")
-    cfg = load_config(None, tiny_overrides(data, tmp_path, **{
+    cfg = load_config(None, tiny_overrides(shared_jsonl_data, tmp_path, **{
         "output.save_model": False, "federation.rounds": 1, "eval.generate": False}))
     from fedtune.engines.inprocess import run
 

@@ -79,6 +79,7 @@ def _load(items: list[str]):
 def _cmd_run(args) -> int:
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
+    from fedtune.engines.rounds import default_run_dir
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -90,18 +91,35 @@ def _cmd_run(args) -> int:
         run(cfg, run_dir, resume=True, progress=not args.quiet)
         return 0
     cfg = _load(args.items)
-    run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    run(cfg, run_dir, overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        _print_readout(run_dir)
     return 0
 
 
+def _print_readout(run_dir: Path) -> None:
+    """After a run: its final metrics beside their trivial baselines, its bytes beside
+    FedAvg's, and where the run folder is."""
+    from fedtune.compare import baseline_lines, bytes_line, read_run
+
+    r = read_run(run_dir)
+    print("", *baseline_lines(r), *filter(None, [bytes_line(r)]), f"run folder: {run_dir}",
+          sep="\n")
+
+
 def _cmd_report(args) -> int:
+    from fedtune.compare import baseline_lines, read_run
     from fedtune.engines.rounds import summary_table
     from fedtune.runlog import RunLog
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise _UserError(f"{args.run_dir}: no metrics.jsonl; is it a run folder?")
     log = RunLog(Path(args.run_dir))
-    print(summary_table(log.read_metrics()))
+    rows = log.read_metrics()
+    print(summary_table(rows))
+    if rows:
+        print("", *baseline_lines(read_run(log.dir)), sep="\n")
     summary = log.dir / "summary.json"
     if summary.is_file():
         print(json.dumps(json.loads(summary.read_text()), indent=2))

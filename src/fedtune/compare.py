@@ -57,6 +57,13 @@ class Run:
                 return key
         return None
 
+    @property
+    def rouge_scorer(self) -> str:
+        """The Rouge-L scorer named by the run's round-0 row (which holds the baselines it
+        scored), else by its summary; runs before ``eval.rouge`` existed used rouge-score."""
+        first = self.rows[0] if self.rows else {}
+        return first.get("rouge_scorer") or (self.summary or {}).get("rouge_scorer", SCORER_NAME)
+
     def baselines(self) -> dict[str, float]:
         found = dict((self.summary or {}).get("baselines") or {})
         first = self.rows[0] if self.rows else {}
@@ -208,6 +215,41 @@ def text_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def baseline_lines(run: Run) -> list[str]:
+    """The run's final task metrics, each beside the trivial baselines of the same examples
+    (what ``fedtune report`` prints under the table)."""
+    n = run_numbers(run)
+    lines = []
+    if n.get("accuracy_final") is not None:
+        base = n.get("accuracy_majority")
+        lines.append(f"accuracy {n['accuracy_final']:.4f} after round {n['rounds']}; "
+                     + ("majority-label accuracy " + format(base, ".4f") if base is not None
+                        else "no majority-label baseline recorded"))
+    if n.get("rouge_l_final") is not None:
+        parts = [f"{label} {n[k]:.4f}" for k, label in
+                 (("rouge_l_copy", "copying the input"), ("rouge_l_empty", "an empty answer"))
+                 if n.get(k) is not None]
+        lines.append(f"Rouge-L {n['rouge_l_final']:.4f} after round {n['rounds']}; "
+                     + (", ".join(parts) if parts else "no baselines recorded")
+                     + f" ({run.rouge_scorer})")
+    return lines
+
+
+def bytes_line(run: Run) -> str | None:
+    """Bytes per client-round beside what FedAvg sends: the whole model in float32, about
+    4 B per parameter each way (plus a few kB of tensor names)."""
+    n, params = run_numbers(run), (run.summary or {}).get("model_params")
+    if not n["client_rounds"] or not params:
+        return None
+    up, down = n["bytes_up_per_client_round"], n["bytes_down_per_client_round"]
+    line = (f"bytes per client per round: {human_bytes(up)} up, {human_bytes(down)} down "
+            f"({n['method']})")
+    if n["method"] != "fedavg":
+        line += (f"; FedAvg would send the float32 weights, about {human_bytes(4 * params)} "
+                 f"each way ({4 * params / max(up, 1):,.0f}x this upload)")
+    return line
+
+
 # --- the plots ---------------------------------------------------------------------------------
 
 METRIC_LABELS = {"accuracy": "accuracy (share of held-out examples)",
@@ -346,6 +388,10 @@ def compare(paths: list[str | Path], out: str | Path) -> Report:
     numbers = [run_numbers(r) for r in runs]
     head, body = table_cells(numbers)
     md, txt = markdown_table(head, body), text_table(head, body)
+    scorers = sorted({r.rouge_scorer for r in runs if any("rouge_l" in x for x in r.rows)})
+    if scorers:  # every table that shows Rouge-L says which scorer computed it
+        md += f"\n\nRouge-L: {', '.join(scorers)}."
+        txt += f"\n\nRouge-L: {', '.join(scorers)}."
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, numbers, txt, md)
@@ -356,8 +402,6 @@ def compare(paths: list[str | Path], out: str | Path) -> Report:
     atomic_write_bytes(out / "compare.json",
                        (json.dumps(numbers, indent=2, sort_keys=True) + "\n").encode())
     report.files.append(out / "compare.json")
-    scorers = sorted({(r.summary or {}).get("rouge_scorer", SCORER_NAME) for r in runs
-                      if r.metric == "rouge_l" or any("rouge_l" in x for x in r.rows)})
     lines = [
         "# fedtune comparison", "",
         md, "",
@@ -375,8 +419,6 @@ def compare(paths: list[str | Path], out: str | Path) -> Report:
          "sent, has no place on it)."), "",
         "## The runs", "", *[_describe_run(r) for r in runs], "",
     ]
-    if scorers:
-        lines += [f"Rouge-L: {', '.join(scorers)}.", ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
     report.files.insert(0, out / "report.md")
     return report

@@ -132,6 +132,11 @@ class EvalConfig:
     max_new_tokens: int = 128
     generate_every: int = 0
     """Generate after every this many rounds (0: before training and after the last round)."""
+    rouge: Literal["rouge_score", "rouge"] = "rouge_score"
+    """Rouge-L scorer: rouge_score (the ``rouge-score`` package's F-measure, default tokenizer:
+    lowercased, punctuation dropped) or rouge (the ``rouge`` 1.0.1 package the Ferret and
+    FedKSeed reference code score with: whitespace words, case and punctuation kept, each
+    distinct word counted once), to set numbers beside the papers' tables."""
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Evaluation: held-out loss, Rouge-L of batched greedy generations, accuracy where the task has
-labels. Rouge-L is the F-measure of the ``rouge-score`` package with its default tokenizer (the
-papers' reference code used the ``rouge`` package, whose numbers differ).
+labels. Rouge-L is the F-measure of the ``rouge-score`` package with its default tokenizer, or
+with ``eval.rouge: rouge`` that of the ``rouge`` 1.0.1 package, which the Ferret and FedKSeed
+reference code score with (it splits on whitespace and ``.`` without lowercasing or dropping
+punctuation, and counts each distinct word once, so its numbers differ).
 
 The model runs on its own device in its own dtype; losses are computed in float32 from upcast
 logits (``tasks``) and summed in float64 on the CPU, so a bfloat16 model's loss is comparable
@@ -16,7 +18,12 @@ import torch
 
 from fedtune.tasks import CausalLMTask, ClassificationTask
 
-SCORER_NAME = "rouge-score RougeL F-measure (default tokenizer)"
+SCORERS = {
+    "rouge_score": "rouge-score RougeL F-measure (default tokenizer)",
+    "rouge": "rouge 1.0.1 rouge-l F-measure (the Ferret / FedKSeed reference code's scorer)",
+}
+"""``eval.rouge`` -> the name reports and ``summary.json`` give the scorer."""
+SCORER_NAME = SCORERS["rouge_score"]
 BASELINE_KEYS = ("accuracy_majority", "rouge_l_empty", "rouge_l_copy")
 """The trivial baselines :func:`baselines` reports beside the metrics (once, at round 0)."""
 
@@ -76,13 +83,33 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
     return outs
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean Rouge-L F-measure (rouge-score, default tokenizer)."""
-    from rouge_score import rouge_scorer
+def rouge_l(predictions: Sequence[str], references: Sequence[str],
+            scorer: str = "rouge_score") -> float:
+    """Mean Rouge-L F-measure of ``predictions`` against ``references``, with ``scorer`` (an
+    ``eval.rouge`` value: ``rouge_score`` or ``rouge``)."""
+    if scorer == "rouge":
+        scores = [_rouge_package_f(pred, ref) for pred, ref in zip(predictions, references)]
+    elif scorer == "rouge_score":
+        from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+        rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        scores = [rs.score(ref, pred)["rougeL"].fmeasure
+                  for pred, ref in zip(predictions, references)]
+    else:
+        raise ValueError(f"unknown Rouge scorer {scorer!r}; use one of {', '.join(SCORERS)}")
     return sum(scores) / max(len(scores), 1)
+
+
+def _rouge_package_f(prediction: str, reference: str) -> float:
+    """The ``rouge`` package's rouge-l F-measure of one pair. It raises ValueError when either
+    text has no sentence left after splitting on "." (an empty string, or only dots); such a
+    pair shares no words, so it scores 0, as the FedKSeed code scores an empty generation."""
+    from rouge import Rouge
+
+    try:
+        return Rouge(metrics=["rouge-l"]).get_scores(prediction, reference)[0]["rouge-l"]["f"]
+    except ValueError:
+        return 0.0
 
 
 def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -130,8 +157,9 @@ def baselines(task, examples: Sequence[dict], cfg_eval, *, labels=None) -> dict[
         return {}
     gen_ex = ex[: cfg_eval.generate_examples]
     refs = [e["reference"] for e in gen_ex]
-    out = {"rouge_l_empty": rouge_l([""] * len(refs), refs),
-           "rouge_l_copy": rouge_l([prompt_input(e["prompt"]) for e in gen_ex], refs)}
+    scorer = cfg_eval.rouge
+    out = {"rouge_l_empty": rouge_l([""] * len(refs), refs, scorer),
+           "rouge_l_copy": rouge_l([prompt_input(e["prompt"]) for e in gen_ex], refs, scorer)}
     if labels:
         out["accuracy_majority"] = majority_share([r.strip().lower() for r in refs])
     return out
@@ -146,6 +174,8 @@ def evaluate(model, task, tokenizer, examples: Sequence[dict], cfg_eval, *, labe
     out: dict[str, Any] = {"eval_loss": evaluation_loss(model, task, ex, cfg_eval.batch_size)}
     if with_baselines:
         out.update(baselines(task, ex, cfg_eval, labels=labels))
+        if not isinstance(task, ClassificationTask) and cfg_eval.generate:
+            out["rouge_scorer"] = SCORERS[cfg_eval.rouge]
     if isinstance(task, ClassificationTask):
         out["accuracy"] = classification_accuracy(model, task, ex, cfg_eval.batch_size)
         return out
@@ -154,7 +184,7 @@ def evaluate(model, task, tokenizer, examples: Sequence[dict], cfg_eval, *, labe
         preds = generate(model, tokenizer, [e["prompt"] for e in gen_ex], cfg_eval.max_new_tokens,
                          cfg_eval.batch_size)
         refs = [e["reference"] for e in gen_ex]
-        out["rouge_l"] = rouge_l(preds, refs)
+        out["rouge_l"] = rouge_l(preds, refs, cfg_eval.rouge)
         if labels:
             out["accuracy"] = label_accuracy(preds, refs)
         out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]
