@@ -213,12 +213,7 @@ class RunLog:
         return None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write summary.json. Its ``rouge_scorer`` is the one round 0's metrics row names
-        (``evaluation.evaluate`` records the scorer of ``eval.rouge`` there), so the summary
-        names the scorer the run used whatever the caller filled in."""
-        rows = self.read_metrics()
-        if rows and rows[0].get("rouge_scorer"):
-            summary = {**summary, "rouge_scorer": rows[0]["rouge_scorer"]}
+        """Write summary.json (atomically)."""
         atomic_write_bytes(self.dir / "summary.json",
                            (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
 

@@ -25,7 +25,7 @@ import torch
 from fedtune import experiment as ex
 from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
-from fedtune.evaluation import BASELINE_KEYS, SCORER_NAME, evaluate
+from fedtune.evaluation import BASELINE_KEYS, SCORERS, evaluate
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
 from fedtune.methods.training import NonFiniteLossError
 from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
@@ -373,7 +373,7 @@ def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) ->
         "wall_time_s": wall,
         "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in rows),
         **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in rows)} if "peak_gpu_mb" in last else {}),
-        "rouge_scorer": SCORER_NAME,
+        "rouge_scorer": SCORERS[cfg.eval.rouge],
         "baselines": {k: first[k] for k in BASELINE_KEYS if first.get(k) is not None},
     }
 
