@@ -74,8 +74,6 @@ class CausalLMTask:
     """Instruction tuning of a causal LM. Raw example keys: ``instruction``, ``input``
     (may be empty), ``output``."""
 
-    kind = "causal_lm"
-
     def __init__(self, tokenizer, max_length: int = 512):
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -148,8 +146,6 @@ class CausalLMTask:
 
 class ClassificationTask:
     """Sequence classification. Raw example keys: ``text`` and ``label`` (an int)."""
-
-    kind = "classification"
 
     def __init__(self, tokenizer, num_labels: int, max_length: int = 128):
         self.tokenizer = tokenizer
