@@ -48,7 +48,9 @@ class ModelConfig:
     cache_dir: str = "~/.cache/fedtune"
     """Where the GGUF model is cached as safetensors."""
     tiny_layers: int = 2
+    """Transformer layers of the tiny model."""
     tiny_hidden: int = 64
+    """Hidden size of the tiny model: a multiple of 4, at least 8 (it has 4 attention heads)."""
     tiny_vocab: int | None = None
     """Vocabulary of the tiny model (default: the tokenizer's)."""
     seed: int | None = None
@@ -62,6 +64,7 @@ class DataConfig:
     natural_instructions: a Super-NaturalInstructions folder in the upstream layout (``path``);
     jsonl: instruction JSONL in the Dolly or Alpaca shape (``path``)."""
     path: str | None = None
+    """The data folder (natural_instructions) or file (jsonl)."""
     task: Literal["instruction", "classification"] = "instruction"
     """instruction: a causal LM learns to write the response; classification: an encoder
     with a classification head (rotten_tomatoes only)."""
@@ -87,13 +90,19 @@ class PartitionConfig:
     """task: one client per task (Natural Instructions); dirichlet: Dirichlet(alpha) over
     categories (labels or task categories); iid: uniform random split."""
     num_clients: int = 8
+    """dirichlet / iid: number of clients (task: one per training task, this is ignored)."""
     alpha: float = 0.5
+    """dirichlet: concentration; small (0.1) gives each client a few categories, large (100)
+    approaches iid."""
     min_client_size: int = 2
+    """Every client gets at least this many training examples (a Dirichlet split is redrawn
+    until it does, and refused if it cannot)."""
 
 
 @dataclass
 class FederationConfig:
     rounds: int = 3
+    """Federated rounds: each samples clients, trains them locally and aggregates once."""
     clients_per_round: float = 0.5
     """Fraction of clients sampled each round (at least one client is always sampled)."""
     weighting: Literal["examples", "equal"] = "examples"
@@ -109,12 +118,22 @@ class FederationConfig:
 @dataclass
 class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """First-order methods' local optimiser, created afresh each round (no state carried
+    between rounds). Zeroth-order methods (FedZO, FedKSeed) take their step sizes from the
+    method section instead."""
     lr: float = 1e-4
+    """Local learning rate of the optimiser (positive)."""
     momentum: float = 0.0
+    """SGD momentum in [0, 1)."""
     weight_decay: float = 0.0
+    """Decoupled for AdamW, L2 for SGD (non-negative)."""
     local_steps: int = 4
+    """Optimiser steps per client per round (zeroth-order methods: ZO steps)."""
     batch_size: int = 4
+    """Examples per mini-batch."""
     grad_accum: int = 1
+    """Mini-batches accumulated into each step (so a step sees batch_size x grad_accum
+    examples)."""
     max_grad_norm: float = 0.0
     """Clip the local gradient norm (0: no clipping)."""
 
@@ -126,10 +145,13 @@ class EvalConfig:
     max_examples: int = 64
     """Held-out examples used for the evaluation loss and accuracy."""
     batch_size: int = 16
+    """Examples per evaluation forward pass (memory, not results)."""
     generate: bool = True
     """Greedy generations for Rouge-L (instruction tasks) and accuracy (labelled tasks)."""
     generate_examples: int = 32
+    """Held-out examples generated for Rouge-L / accuracy (non-negative)."""
     max_new_tokens: int = 128
+    """Longest greedy generation, in tokens."""
     generate_every: int = 0
     """Generate after every this many rounds (0: before training and after the last round)."""
     rouge: Literal["rouge_score", "rouge"] = "rouge_score"
@@ -142,6 +164,7 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs"
+    """Folder under which each run gets its own folder."""
     name: str | None = None
     """Run folder name (default: method-timestamp)."""
     save_model: bool = True
@@ -154,6 +177,7 @@ class OutputConfig:
 @dataclass
 class MethodConfig:
     name: str = "fedavg"
+    """A registered method: fedavg, fedzo, fedkseed, fedkseed_pro, ferret, fedit, federa."""
     options: dict[str, Any] = field(default_factory=dict)
     """Method-specific options, validated against that method's ``Config``."""
 
