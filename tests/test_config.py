@@ -113,3 +113,28 @@ def test_cli_user_errors_exit_2_with_one_line(args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedtune: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_config_field_has_a_docstring():
+    """The README promises every key is documented in config.py: each dataclass field there
+    (and in every method's Config) is followed by its docstring."""
+    import ast
+    import inspect
+
+    from fedtune import config
+    from fedtune.methods import registry
+
+    modules = {config, *(inspect.getmodule(s.config_cls) for s in registry.METHODS.values())}
+    missing = []
+    for module in modules:
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if not (isinstance(node, ast.ClassDef) and node.name.endswith("Config")):
+                continue
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                            and isinstance(nxt.value.value, str)):
+                        missing.append(f"{module.__name__}.{node.name}.{stmt.target.id}")
+    assert missing == []

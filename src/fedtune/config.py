@@ -185,14 +185,24 @@ class MethodConfig:
 @dataclass
 class ExperimentConfig:
     seed: int = 0
+    """The run seed: data split and partition, client sampling, every client's local seed,
+    the methods' seed pools. The same config and seed give the same run, bit for bit."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """What is tuned (``model:`` section)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """What it is tuned on (``data:``)."""
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    """How the training data is split into clients (``partition:``)."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """The federated method and its options (``method:``)."""
     federation: FederationConfig = field(default_factory=FederationConfig)
+    """Rounds, sampling and aggregation weights (``federation:``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Each client's local work (``train:``)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation (``eval:``)."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """Where the run is written (``output:``)."""
 
     def method_config(self):
         """The method's own config dataclass, built from ``method.options``."""

@@ -42,6 +42,7 @@ class Config:
     """Local learning rate (same choice as FedKSeed's for SmolLM2-135M, so the two compare at
     equal step size)."""
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    """Entries of the perturbation directions (fresh ones every step)."""
     mode: Literal["onthefly", "inplace", "keep"] = "onthefly"
     """As in ``fedkseed.Config``."""
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
