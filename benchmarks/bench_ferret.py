@@ -372,10 +372,17 @@ def _accuracy_section(acc: dict[str, Any], title: str) -> list[str]:
     return lines
 
 
+def _method_names(items: list[str]) -> list[str]:
+    """``fedavg,ferret`` lists entries; an item with ``:`` is one sweep point (its commas
+    separate options)."""
+    return [m for item in items for m in ([item] if ":" in item else item.split(","))]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["throughput", "accuracy", "report"], required=True)
-    p.add_argument("--methods", default="ferret,fedavg,fedkseed")
+    p.add_argument("--methods", nargs="+", default=["ferret,fedavg,fedkseed"],
+                   help="METHODS entries, comma-separated, or sweep points base:key=value,...")
     p.add_argument("--k", type=int, default=512)
     p.add_argument("--dists", default="truncnormal,gaussian,rademacher")
     args = p.parse_args(argv)
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         res["throughput"] = out
         save_results(res)
     elif args.part == "accuracy":
-        for method in args.methods.split(","):
+        for method in _method_names(args.methods):
             mach = machine()
             out = accuracy(method)
             out.update(machine=mach, command=command)
