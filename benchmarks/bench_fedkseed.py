@@ -52,7 +52,8 @@ def load_smollm2():
     from fedtune.models import load_model, load_tokenizer
 
     cfg = load_config(None, ["model.source=smollm2"])
-    return load_model(cfg), load_tokenizer(cfg)
+    return (load_model(cfg.model, classifier=False, seed=cfg.seed),
+            load_tokenizer(cfg.model, classifier=False))
 
 
 def speed_batch(tok, ni: Path, length: int = 256) -> dict[str, torch.Tensor]:
