@@ -57,9 +57,9 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
     resolve_device(cfg.model)  # a GPU this machine lacks stops the run before any data loads
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
-    dataset = load_dataset(cfg)
+    dataset = load_dataset(cfg.data, cfg.seed)
     task = make_task(cfg, tokenizer, dataset.labels)
-    parts = partition(dataset.train, cfg)
+    parts = partition(dataset.train, cfg.partition, cfg.seed)
     per_round = max(1, round(cfg.federation.clients_per_round * len(parts)))
     if cfg.federation.min_clients > per_round:
         raise ConfigError(

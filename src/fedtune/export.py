@@ -329,8 +329,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     else:
         from fedtune.models import load_tokenizer
 
-        run = RunModel(cfg, load_tokenizer(cfg.model, classifier=cfg.data.task == "classification"), model,
-                       labels_of(cfg))
+        tok = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+        run = RunModel(cfg, tok, model, labels_of(cfg))
     tmp = _prepare_out(out)
     try:
         if not lora:

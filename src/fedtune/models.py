@@ -253,10 +253,11 @@ def _classifier_class(folder: Path | None, pooling: str):
 def load_model(m, *, classifier: bool, seed: int, tokenizer=None,
                num_labels: int = 2) -> torch.nn.Module:
     """The model that ``m`` (a ``ModelConfig``) names (a sequence classifier with ``num_labels``
-    labels when ``classifier``; ``seed``, the run seed, draws its random parts), on ``model.device`` with its parameters in
-    ``model.dtype``, in eval mode. Causal LMs are read (or drawn, for ``source=config``) directly
-    in ``model.dtype``: no float32 copy of a large model. Tiny models and classifiers are built in
-    float32 and cast, so their seeded random parts are the float32 ones, rounded."""
+    labels when ``classifier``; ``seed``, the run seed, draws its random parts), on
+    ``m.device`` with its parameters in ``m.dtype``, in eval mode. Causal LMs are read (or
+    drawn, for ``source=config``) directly in ``m.dtype``: no float32 copy of a large model.
+    Tiny models and classifiers are built in float32 and cast, so their seeded random parts are
+    the float32 ones, rounded."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
