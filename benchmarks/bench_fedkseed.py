@@ -52,7 +52,8 @@ def load_smollm2():
     from fedtune.models import load_model, load_tokenizer
 
     cfg = load_config(None, ["model.source=smollm2"])
-    return load_model(cfg), load_tokenizer(cfg)
+    return (load_model(cfg.model, classifier=False, seed=cfg.seed),
+            load_tokenizer(cfg.model, classifier=False))
 
 
 def speed_batch(tok, ni: Path, length: int = 256) -> dict[str, torch.Tensor]:
@@ -335,15 +336,15 @@ def memory_child(scenario: str, ni: Path) -> dict:
         mode = "keep" if scenario.endswith("keep") else "inplace"
         cfg = fedkseed.Config(mode=mode)
         client = fedkseed.KSeedClient(cfg, model, 0)
-        down = fedkseed.KSeedServer(cfg, 0, "examples").download(0, None)
+        down = fedkseed.KSeedServer(cfg, None, 0, "examples").download(0, None)
     elif scenario == "fedzo":
         cfg = fedzo.Config()
-        client = fedzo.FedZOClient(cfg, model)
-        down = fedzo.FedZOServer(cfg, trainable_state(model), "examples").download(0, None)
+        client = fedzo.FedZOClient(cfg, model, 0)
+        down = fedzo.FedZOServer(cfg, trainable_state(model), 0, "examples").download(0, None)
     elif scenario == "fedavg":
         cfg = fedavg.Config()
-        client = fedavg.WeightsClient(cfg, model)
-        down = fedavg.WeightsServer(cfg, trainable_state(model), "examples").download(0, None)
+        client = fedavg.WeightsClient(cfg, model, 0)
+        down = fedavg.WeightsServer(cfg, trainable_state(model), 0, "examples").download(0, None)
     gc.collect()
     base = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     _reset_hwm()

@@ -97,8 +97,9 @@ def hetero(args, workdir: Path, save) -> dict[str, Any]:
     for alpha in args.alphas:
         base = {**common, "partition.alpha": alpha}
         cfg = config(base)
-        data = load_dataset(cfg)  # the split and partition the engine builds, not encoded
-        parts = partition(data.train, cfg)
+        # the split and partition the engine builds, not encoded
+        data = load_dataset(cfg.data, cfg.seed)
+        parts = partition(data.train, cfg.partition, cfg.seed)
         sizes = [len(p) for p in parts]
         fresh = [round(sum(data.train[i]["label"] for i in p) / len(p), 2) for p in parts]
         n_test = min(len(data.test), cfg.eval.max_examples)

@@ -69,7 +69,8 @@ def smollm2_tensors() -> list[torch.Tensor]:
     from fedtune.models import load_model, load_tokenizer
 
     cfg = load_config(None, ["model.source=smollm2"])
-    model = load_model(cfg, load_tokenizer(cfg))
+    tok = load_tokenizer(cfg.model, classifier=False)
+    model = load_model(cfg.model, classifier=False, seed=cfg.seed, tokenizer=tok)
     return [p.detach() for p in trainable_parameters(model).values()], model, cfg
 
 
@@ -124,7 +125,7 @@ def fedkseed_step(model, cfg, reps: int) -> list[dict]:
     from fedtune.models import load_tokenizer
     from fedtune.tasks import CausalLMTask
 
-    tok = load_tokenizer(cfg)
+    tok = load_tokenizer(cfg.model, classifier=False)
     ids = torch.randint(0, len(tok), (1, 256), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     task = CausalLMTask(tok)

@@ -94,14 +94,14 @@ def test_ni_errors(ni: Path, tmp_path: Path):
 def test_ni_load_dataset_and_task_partition(ni: Path):
     cfg = ExperimentConfig(data=DataConfig(source="natural_instructions", path=str(ni)),
                            partition=PartitionConfig(scheme="task"))
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg.data, cfg.seed)
     assert len(ds.train) == 61 and len(ds.test) == 25 and ds.labels is None
-    parts = partition(ds.train, cfg)
+    parts = partition(ds.train, cfg.partition, cfg.seed)
     assert [{ds.train[i]["task"] for i in p} for p in parts] == [{"big"}, {"edge"}]
     assert sorted(i for p in parts for i in p) == list(range(61))
     cfg.data.max_examples = 30
-    capped = load_dataset(cfg).train
-    assert len(capped) == 30 and capped == load_dataset(cfg).train
+    capped = load_dataset(cfg.data, cfg.seed).train
+    assert len(capped) == 30 and capped == load_dataset(cfg.data, cfg.seed).train
     assert set(Counter(e["task"] for e in capped)) == {"big", "edge"}  # shuffled before the cap
 
 
@@ -130,11 +130,11 @@ def test_jsonl_shapes(tmp_path: Path):
         {"instruction": "I3", "input": "", "output": "O3", "category": "gen"},
     ]
     cfg = ExperimentConfig(data=DataConfig(source="jsonl", path=str(path), eval_category="gen"))
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg.data, cfg.seed)
     assert [e["output"] for e in ds.test] == ["O3"] and len(ds.train) == 2
     cfg.data.eval_category = "nope"
     with pytest.raises(DataFormatError, match="'nope'"):
-        load_dataset(cfg)
+        load_dataset(cfg.data, cfg.seed)
 
 
 def test_jsonl_errors(tmp_path: Path):
@@ -157,12 +157,13 @@ def test_jsonl_random_split(tmp_path: Path):
     path.write_text("".join(json.dumps({"instruction": f"I{i}", "input": "", "output": str(i)})
                             + "\n" for i in range(50)))
     cfg = ExperimentConfig(data=DataConfig(source="jsonl", path=str(path), test_fraction=0.2))
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg.data, cfg.seed)
     assert len(ds.test) == 10 and len(ds.train) == 40
     assert sorted(int(e["output"]) for e in ds.train + ds.test) == list(range(50))
-    assert ds.test == load_dataset(cfg).test
+    assert ds.test == load_dataset(cfg.data, cfg.seed).test
     cfg.seed = 1
-    assert {e["output"] for e in load_dataset(cfg).test} != {e["output"] for e in ds.test}
+    other = load_dataset(cfg.data, cfg.seed).test
+    assert {e["output"] for e in other} != {e["output"] for e in ds.test}
 
 
 # --- Rotten Tomatoes -----------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_rotten_tomatoes():
     assert Counter(e["label"] for e in cls) == {1: 7403, 0: 5405}
     assert all(e["category"] == ("fresh" if e["label"] else "rotten") for e in cls)
     assert [e["input"] for e in ins] == [e["text"] for e in cls]
-    ds = load_dataset(ExperimentConfig(data=DataConfig(task="classification", max_examples=100)))
+    ds = load_dataset(DataConfig(task="classification", max_examples=100), 0)
     assert ds.labels == ["rotten", "fresh"] and len(ds.train) == 100 and len(ds.test) == 1281
 
 
@@ -270,9 +271,9 @@ def test_dirichlet_min_size_and_impossible():
 def test_partition_dispatch_uses_run_seed():
     ex = _labelled({"a": 60, "b": 40})
     cfg = ExperimentConfig(partition=PartitionConfig(scheme="dirichlet", num_clients=4))
-    a = partition(ex, cfg)
-    assert _exactly_once(a, 100) and a == partition(ex, cfg)
+    a = partition(ex, cfg.partition, cfg.seed)
+    assert _exactly_once(a, 100) and a == partition(ex, cfg.partition, cfg.seed)
     cfg.seed = 1
-    assert partition(ex, cfg) != a
+    assert partition(ex, cfg.partition, cfg.seed) != a
     cfg.partition.scheme = "iid"
-    assert sorted(len(p) for p in partition(ex, cfg)) == [25] * 4
+    assert sorted(len(p) for p in partition(ex, cfg.partition, cfg.seed)) == [25] * 4

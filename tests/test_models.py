@@ -114,10 +114,12 @@ def test_pooling_config_is_validated_and_reaches_tiny_models():
         load_config(None, ["model.pooling=max"])
     cfg = load_config(None, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
                              "data.task=classification", "model.pooling=mean"])
-    assert type(tiny_model(cfg)).__name__ == "MeanPoolingBertForSequenceClassification"
+    assert type(tiny_model(cfg.model, classifier=True, seed=0)).__name__ == (
+        "MeanPoolingBertForSequenceClassification")
     cfg = load_config(None, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
                              "data.task=classification"])
-    assert type(tiny_model(cfg)).__name__ == "BertForSequenceClassification"
+    assert type(tiny_model(cfg.model, classifier=True, seed=0)).__name__ == (
+        "BertForSequenceClassification")
 
 
 def test_mean_pooling_refuses_a_non_bert_encoder(tmp_path):
@@ -205,21 +207,22 @@ def test_model_source_config_builds_the_architecture_seeded(jsonl_data, tmp_path
 
     from .conftest import tiny_overrides
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]))  # SmolLM2's
+    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
     path = _tiny_config_json(tmp_path / "shape", vocab=len(tok))
     items = tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.source": "config", "model.path": path.parent, "model.dtype": "bfloat16",
         "federation.rounds": 1, "eval.generate": False})
     cfg = load_config(None, items)
-    assert len(load_tokenizer(cfg)) == len(tok)  # no tokenizer beside the config: SmolLM2's
-    model = load_model(cfg, tok)
+    # no tokenizer beside the config: SmolLM2's
+    assert len(load_tokenizer(cfg.model, classifier=False)) == len(tok)
+    model = load_model(cfg.model, classifier=False, seed=cfg.seed, tokenizer=tok)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert model.config.hidden_size == 16 and len(model.model.layers) == 2
     assert model.config.pad_token_id == tok.pad_token_id
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    again = load_model(cfg, tok)
-    other = load_model(load_config(None, [*items, "seed=1"]), tok)
+    again = load_model(cfg.model, classifier=False, seed=cfg.seed, tokenizer=tok)
+    other = load_model(cfg.model, classifier=False, seed=1, tokenizer=tok)
     a, b, c = (torch.cat([p.detach().flatten().float() for p in m.parameters()])
                for m in (model, again, other))
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -230,12 +233,12 @@ def test_model_source_config_builds_the_architecture_seeded(jsonl_data, tmp_path
 def test_model_source_config_checks_the_vocabulary_and_the_file(tmp_path):
     from fedtune.models import load_tokenizer
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]))
+    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
     small = _tiny_config_json(tmp_path / "small", vocab=100)
     cfg = load_config(None, ["model.source=config", f"model.path={small}"])
     with pytest.raises(ConfigError, match=f"vocab_size 100 is smaller than the tokenizer's "
                                           f"{len(tok)} tokens"):
-        load_model(cfg, tok)
+        load_model(cfg.model, classifier=False, seed=0, tokenizer=tok)
     (tmp_path / "typeless.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ConfigError, match="no model_type"):
         model_from_config(tmp_path / "typeless.json")
@@ -244,11 +247,11 @@ def test_model_source_config_checks_the_vocabulary_and_the_file(tmp_path):
 def test_a_tokenizer_beside_the_config_is_used(tmp_path):
     from fedtune.models import load_tokenizer
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]))
+    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
     tok.save_pretrained(tmp_path / "own")
     _tiny_config_json(tmp_path / "own", vocab=len(tok))
     cfg = load_config(None, ["model.source=config", f"model.path={tmp_path / 'own'}"])
-    assert Path(load_tokenizer(cfg).name_or_path) == tmp_path / "own"
+    assert Path(load_tokenizer(cfg.model, classifier=False).name_or_path) == tmp_path / "own"
 
 
 @pytest.mark.parametrize("name, params, layers", [("llama-3.2-1b.json", 1_235_814_400, 16),

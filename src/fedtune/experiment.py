@@ -56,10 +56,10 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
 
     resolve_device(cfg.model)  # a GPU this machine lacks stops the run before any data loads
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    dataset = load_dataset(cfg)
+    tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+    dataset = load_dataset(cfg.data, cfg.seed)
     task = make_task(cfg, tokenizer, dataset.labels)
-    parts = partition(dataset.train, cfg)
+    parts = partition(dataset.train, cfg.partition, cfg.seed)
     per_round = max(1, round(cfg.federation.clients_per_round * len(parts)))
     if cfg.federation.min_clients > per_round:
         raise ConfigError(
@@ -82,7 +82,8 @@ def build_model(exp: Experiment) -> torch.nn.Module:
     """The model at w0, prepared for the method (adapters wrapped, frozen parts frozen), on
     ``model.device`` in ``model.dtype``: this process's one copy of the model."""
     cfg = exp.cfg
-    model = load_model(cfg, exp.tokenizer, num_labels=len(exp.labels or [0, 1]))
+    model = load_model(cfg.model, classifier=cfg.data.task == "classification", seed=cfg.seed,
+                       tokenizer=exp.tokenizer, num_labels=len(exp.labels or [0, 1]))
     if exp.spec.prepare_model is not None:
         model = exp.spec.prepare_model(model, exp.method_cfg, cfg.seed)
     return model

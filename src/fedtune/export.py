@@ -104,8 +104,11 @@ def build_base(cfg, tokenizer=None) -> torch.nn.Module:
     """The run's model before training (``w0``), not prepared by the method."""
     from fedtune.models import load_model, load_tokenizer
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    return load_model(cfg, tokenizer, num_labels=len(labels_of(cfg) or [0, 1]))
+    labels = labels_of(cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, classifier=labels is not None)
+    return load_model(cfg.model, classifier=labels is not None, seed=cfg.seed,
+                      tokenizer=tokenizer, num_labels=len(labels or [0, 1]))
 
 
 def load_run(run_dir: str | Path, device: str | None = "cpu") -> RunModel:
@@ -125,7 +128,7 @@ def load_run(run_dir: str | Path, device: str | None = "cpu") -> RunModel:
     if not weights.is_file():
         raise ExportError(f"{run_dir}: no model.safetensors; the run has not finished, or ran "
                           "with output.save_model=false (resume it to finish)")
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
     model = build_base(cfg, tokenizer)
     spec = get_method(cfg.method.name)
     if spec.prepare_model is not None:
@@ -158,7 +161,7 @@ def _base_source(cfg) -> str | None:
     from fedtune.models import _folder
 
     if cfg.model.source in ("smollm2", "minilm", "hf"):
-        return str(_folder(cfg))
+        return str(_folder(cfg.model))
     return None
 
 
@@ -326,7 +329,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     else:
         from fedtune.models import load_tokenizer
 
-        run = RunModel(cfg, load_tokenizer(cfg), model, labels_of(cfg))
+        tok = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+        run = RunModel(cfg, tok, model, labels_of(cfg))
     tmp = _prepare_out(out)
     try:
         if not lora:

@@ -126,22 +126,20 @@ def minilm_folder() -> Path:
     return package_file(MINILM_PACKAGE, "model/config.json").parent
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(m, *, classifier: bool):
+    """The tokenizer of the model that ``m`` (a ``ModelConfig``) names; ``classifier`` picks
+    the one a tiny model borrows (MiniLM's for a classifier, else SmolLM2's)."""
     from transformers import AutoTokenizer
 
-    folder = _folder(cfg)
-    if cfg.model.source == "config":
-        folder = _config_tokenizer_folder(cfg)
+    folder = _folder(m)
+    if m.source == "config":
+        folder = _config_tokenizer_folder(m)
     elif folder is None:  # tiny: borrow a real tokenizer so text round-trips
-        folder = _tiny_tokenizer_folder(cfg)
+        folder = minilm_folder() if classifier else smollm2_tokenizer_folder(m.cache_dir)
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _tiny_tokenizer_folder(cfg) -> Path:
-    return minilm_folder() if _is_classifier(cfg) else smollm2_tokenizer_folder(cfg.model.cache_dir)
 
 
 def config_path(path: str | Path) -> Path:
@@ -153,13 +151,13 @@ def config_path(path: str | Path) -> Path:
     return p
 
 
-def _config_tokenizer_folder(cfg) -> Path:
+def _config_tokenizer_folder(m) -> Path:
     """The tokenizer beside the config.json if one is there, else SmolLM2's (a config ships no
     tokenizer; any real one will do for random weights, as long as the vocabulary fits)."""
-    folder = config_path(cfg.model.path).parent
+    folder = config_path(m.path).parent
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         return folder
-    return smollm2_tokenizer_folder(cfg.model.cache_dir)
+    return smollm2_tokenizer_folder(m.cache_dir)
 
 
 def smollm2_tokenizer_folder(cache_dir: str | Path) -> Path:
@@ -181,18 +179,14 @@ def smollm2_tokenizer_folder(cache_dir: str | Path) -> Path:
     return folder
 
 
-def _is_classifier(cfg) -> bool:
-    return cfg.data.task == "classification"
-
-
-def _folder(cfg) -> Path | None:
-    src = cfg.model.source
+def _folder(m) -> Path | None:
+    src = m.source
     if src == "smollm2":
-        return smollm2_folder(cfg.model.cache_dir)
+        return smollm2_folder(m.cache_dir)
     if src == "minilm":
         return minilm_folder()
     if src == "hf":
-        path = Path(cfg.model.path).expanduser()
+        path = Path(m.path).expanduser()
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model.path {str(path)!r} has no config.json")
         return path
@@ -256,28 +250,32 @@ def _classifier_class(folder: Path | None, pooling: str):
     return _mean_pooling_class()
 
 
-def load_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
-    """The model the experiment config names, on ``model.device`` with its parameters in
-    ``model.dtype``, in eval mode. Causal LMs are read (or drawn, for ``source=config``) directly
-    in ``model.dtype``: no float32 copy of a large model. Tiny models and classifiers are built in
-    float32 and cast, so their seeded random parts are the float32 ones, rounded."""
+def load_model(m, *, classifier: bool, seed: int, tokenizer=None,
+               num_labels: int = 2) -> torch.nn.Module:
+    """The model that ``m`` (a ``ModelConfig``) names (a sequence classifier with ``num_labels``
+    labels when ``classifier``; ``seed``, the run seed, draws its random parts), on
+    ``m.device`` with its parameters in ``m.dtype``, in eval mode. Causal LMs are read (or
+    drawn, for ``source=config``) directly in ``m.dtype``: no float32 copy of a large model.
+    Tiny models and classifiers are built in float32 and cast, so their seeded random parts are
+    the float32 ones, rounded."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    device = resolve_device(cfg.model)
-    dtype = DTYPES[cfg.model.dtype]
-    folder = _folder(cfg)
-    if cfg.model.source == "config":
-        seed = cfg.seed if cfg.model.seed is None else cfg.model.seed
-        model = model_from_config(cfg.model.path, dtype=dtype, seed=seed, tokenizer=tokenizer)
+    device = resolve_device(m)
+    dtype = DTYPES[m.dtype]
+    folder = _folder(m)
+    if m.source == "config":
+        model = model_from_config(m.path, dtype=dtype, seed=seed if m.seed is None else m.seed,
+                                  tokenizer=tokenizer)
     elif folder is None:
-        model = tiny_model(cfg, tokenizer, num_labels)
-    elif _is_classifier(cfg):
+        model = tiny_model(m, classifier=classifier, seed=seed, tokenizer=tokenizer,
+                           num_labels=num_labels)
+    elif classifier:
         # The classification head is new; it is initialised from the run seed so that every
         # process builds the same one.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = _classifier_class(folder, cfg.model.pooling).from_pretrained(
+            torch.manual_seed(seed)
+            model = _classifier_class(folder, m.pooling).from_pretrained(
                 folder, num_labels=num_labels, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -317,8 +315,10 @@ def model_from_config(path: str | Path, *, dtype: torch.dtype = torch.float32, s
     return model if meta else model.to(device)
 
 
-def tiny_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
-    """A small randomly initialised Llama (causal LM) or BERT (classifier), seeded, for tests."""
+def tiny_model(m, *, classifier: bool, seed: int, tokenizer=None,
+               num_labels: int = 2) -> torch.nn.Module:
+    """A small randomly initialised Llama (causal LM) or BERT (``classifier``), seeded from
+    ``m.seed`` or else ``seed``, for tests."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -326,17 +326,15 @@ def tiny_model(cfg, tokenizer=None, num_labels: int = 2) -> torch.nn.Module:
         LlamaForCausalLM,
     )
 
-    m = cfg.model
     vocab = m.tiny_vocab or (len(tokenizer) if tokenizer is not None else 1024)
     if tokenizer is not None and vocab < len(tokenizer):
         from fedtune.config import ConfigError
 
         raise ConfigError(f"model.tiny_vocab: {vocab} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens")
-    seed = cfg.seed if m.seed is None else m.seed
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if _is_classifier(cfg):
+        torch.manual_seed(seed if m.seed is None else m.seed)
+        if classifier:
             conf = BertConfig(vocab_size=vocab, hidden_size=m.tiny_hidden,
                               num_hidden_layers=m.tiny_layers, num_attention_heads=4,
                               intermediate_size=2 * m.tiny_hidden, num_labels=num_labels,

@@ -1,6 +1,6 @@
 """The data layer: sources (Natural Instructions, instruction JSONL, Rotten Tomatoes) read into
 raw example dicts, a train / held-out split, and partitioners that deal the training examples out
-to clients. Everything random is seeded from the run seed (``cfg.seed``) through
+to clients. Everything random is seeded from the run seed (passed in) through
 :func:`fedtune.randomness.derive_seed` with a constant salt per use."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.config import ExperimentConfig
+from fedtune.config import DataConfig, PartitionConfig
 from fedtune.data import partition as partitioners
 from fedtune.data.errors import DataFileNotFoundError, DataFormatError
 from fedtune.data.jsonl import read_jsonl
@@ -51,16 +51,16 @@ def _shuffled(examples: list[dict], seed: int) -> list[dict]:
     return [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
 
 
-def load_dataset(cfg: ExperimentConfig) -> Dataset:
-    """The training and held-out examples for ``cfg.data``. Held out: the Natural Instructions
+def load_dataset(d: DataConfig, seed: int) -> Dataset:
+    """The training and held-out examples for ``d``, split, sampled and shuffled from the run
+    ``seed``. Held out: the Natural Instructions
     test tasks (same filters, no fraction sampling); for JSONL the ``eval_category`` examples if
     set, else a random ``test_fraction``; for Rotten Tomatoes a random ``test_fraction``. The
     training set is shuffled and cut to ``max_examples`` if set."""
-    d = cfg.data
     labels = None
     if d.task == "classification" and d.source != "rotten_tomatoes":
         raise ValueError("data.task: classification needs data.source=rotten_tomatoes")
-    split_seed = derive_seed(cfg.seed, SALT_SPLIT)
+    split_seed = derive_seed(seed, SALT_SPLIT)
     if d.source == "rotten_tomatoes":
         train, test = _split(load_rotten_tomatoes(d.task), d.test_fraction, split_seed)
         labels = list(LABELS)
@@ -69,7 +69,7 @@ def load_dataset(cfg: ExperimentConfig) -> Dataset:
             raise ValueError("data.path: required for data.source=natural_instructions")
         common = {"max_input_chars": d.max_input_chars, "min_task_size": d.min_task_size}
         train = read_natural_instructions(d.path, "train", task_fraction=d.task_fraction,
-                                          seed=derive_seed(cfg.seed, SALT_SAMPLE), **common)
+                                          seed=derive_seed(seed, SALT_SAMPLE), **common)
         test = read_natural_instructions(d.path, "test", **common)
         if not train or not test:
             raise DataFormatError(
@@ -94,17 +94,16 @@ def load_dataset(cfg: ExperimentConfig) -> Dataset:
             train, test = _split(examples, d.test_fraction, split_seed)
     else:
         raise ValueError(f"data.source {d.source!r} is not a known source")
-    train = _shuffled(train, derive_seed(cfg.seed, SALT_SHUFFLE))[: d.max_examples]
-    test = _shuffled(test, derive_seed(cfg.seed, SALT_SHUFFLE_TEST))
+    train = _shuffled(train, derive_seed(seed, SALT_SHUFFLE))[: d.max_examples]
+    test = _shuffled(test, derive_seed(seed, SALT_SHUFFLE_TEST))
     return Dataset(train=train, test=test, labels=labels)
 
 
-def partition(train: list[dict], cfg: ExperimentConfig) -> list[list[int]]:
-    """Client index lists over ``train`` for ``cfg.partition``. ``task`` makes one client per
-    task (``num_clients`` is then the number of tasks); ``dirichlet`` is over ``category``
-    (the label for Rotten Tomatoes, the task category for Natural Instructions)."""
-    p = cfg.partition
-    seed = derive_seed(cfg.seed, SALT_PARTITION)
+def partition(train: list[dict], p: PartitionConfig, seed: int) -> list[list[int]]:
+    """Client index lists over ``train`` for ``p``, drawn from the run ``seed``. ``task`` makes
+    one client per task (``num_clients`` is then the number of tasks); ``dirichlet`` is over
+    ``category`` (the label for Rotten Tomatoes, the task category for Natural Instructions)."""
+    seed = derive_seed(seed, SALT_PARTITION)
     if p.scheme == "task":
         return partitioners.by_task(train)
     if p.scheme == "dirichlet":
