@@ -390,8 +390,8 @@ def compare(paths: list[str | Path], out: str | Path) -> Report:
     md, txt = markdown_table(head, body), text_table(head, body)
     scorers = sorted({r.rouge_scorer for r in runs if any("rouge_l" in x for x in r.rows)})
     if scorers:  # every table that shows Rouge-L says which scorer computed it
-        md += f"\n\nRouge-L: {', '.join(scorers)}."
-        txt += f"\n\nRouge-L: {', '.join(scorers)}."
+        note = f"\n\nRouge-L: {', '.join(scorers)}."
+        md, txt = md + note, txt + note
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, numbers, txt, md)

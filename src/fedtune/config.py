@@ -204,6 +204,12 @@ class ExperimentConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where the run is written (``output:``)."""
 
+    @property
+    def classifier(self) -> bool:
+        """The model is a sequence classifier (``data.task: classification``); the model and
+        tokenizer loaders take this, not the data section."""
+        return self.data.task == "classification"
+
     def method_config(self):
         """The method's own config dataclass, built from ``method.options``."""
         from fedtune.methods.registry import get_method

@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_task(cfg: ExperimentConfig, tokenizer, labels: list[str] | None):
-    if cfg.data.task == "classification":
+    if cfg.classifier:
         return ClassificationTask(tokenizer, num_labels=len(labels or [0, 1]),
                                   max_length=cfg.data.max_length)
     return CausalLMTask(tokenizer, max_length=cfg.data.max_length)
@@ -56,7 +56,7 @@ def setup(cfg: ExperimentConfig, client_ids: list[int] | None = None) -> Experim
 
     resolve_device(cfg.model)  # a GPU this machine lacks stops the run before any data loads
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+    tokenizer = load_tokenizer(cfg.model, classifier=cfg.classifier)
     dataset = load_dataset(cfg.data, cfg.seed)
     task = make_task(cfg, tokenizer, dataset.labels)
     parts = partition(dataset.train, cfg.partition, cfg.seed)
@@ -82,7 +82,7 @@ def build_model(exp: Experiment) -> torch.nn.Module:
     """The model at w0, prepared for the method (adapters wrapped, frozen parts frozen), on
     ``model.device`` in ``model.dtype``: this process's one copy of the model."""
     cfg = exp.cfg
-    model = load_model(cfg.model, classifier=cfg.data.task == "classification", seed=cfg.seed,
+    model = load_model(cfg.model, classifier=cfg.classifier, seed=cfg.seed,
                        tokenizer=exp.tokenizer, num_labels=len(exp.labels or [0, 1]))
     if exp.spec.prepare_model is not None:
         model = exp.spec.prepare_model(model, exp.method_cfg, cfg.seed)

@@ -128,7 +128,7 @@ def load_run(run_dir: str | Path, device: str | None = "cpu") -> RunModel:
     if not weights.is_file():
         raise ExportError(f"{run_dir}: no model.safetensors; the run has not finished, or ran "
                           "with output.save_model=false (resume it to finish)")
-    tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+    tokenizer = load_tokenizer(cfg.model, classifier=cfg.classifier)
     model = build_base(cfg, tokenizer)
     spec = get_method(cfg.method.name)
     if spec.prepare_model is not None:
@@ -329,7 +329,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     else:
         from fedtune.models import load_tokenizer
 
-        tok = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+        tok = load_tokenizer(cfg.model, classifier=cfg.classifier)
         run = RunModel(cfg, tok, model, labels_of(cfg))
     tmp = _prepare_out(out)
     try:

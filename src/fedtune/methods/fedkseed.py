@@ -239,12 +239,17 @@ def decode_upload(method_id: int, data: bytes, round_: int, k: int,
     return indices, scalars
 
 
-class KSeedServer:
-    """Keeps the per-seed accumulated scalars (and Pro's histories); needs no model."""
-
+class _Half:
     method_id = METHOD_ID
-    pro = False
-    """FedKSeed-Pro (``KSeedProServer``): seeds sampled by the importance of their history."""
+
+    @property
+    def pro(self) -> bool:
+        """FedKSeed-Pro (its own wire id): seeds sampled by the importance of their history."""
+        return self.method_id == METHOD_ID_PRO
+
+
+class KSeedServer(_Half):
+    """Keeps the per-seed accumulated scalars (and Pro's histories); needs no model."""
 
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor] | None, run_seed: int,
                  weighting: str):
@@ -317,11 +322,8 @@ class KSeedServer:
         self.hist_count = state["hist_count"].numpy().astype(np.int64).copy()
 
 
-class KSeedClient:
+class KSeedClient(_Half):
     """Owns the process's model; see the module docstring for how it tracks its state."""
-
-    method_id = METHOD_ID
-    pro = False
 
     def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
         self.cfg, self.model = cfg, model
@@ -438,12 +440,10 @@ class KSeedClient:
 
 class KSeedProServer(KSeedServer):
     method_id = METHOD_ID_PRO
-    pro = True
 
 
 class KSeedProClient(KSeedClient):
     method_id = METHOD_ID_PRO
-    pro = True
 
 
 spec_fedkseed = MethodSpec(

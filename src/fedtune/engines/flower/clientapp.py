@@ -71,7 +71,7 @@ def _local_experiment(cfg, cid: int, path: str) -> ex.Experiment:
     from fedtune.tasks import ClientData
 
     ex.seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, classifier=cfg.data.task == "classification")
+    tokenizer = load_tokenizer(cfg.model, classifier=cfg.classifier)
     task = ex.make_task(cfg, tokenizer, None)
     clients = [ClientData([]) for _ in range(cid + 1)]
     clients[cid] = ClientData([task.encode(e) for e in read_jsonl(path)])
