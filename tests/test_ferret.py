@@ -460,11 +460,11 @@ def test_in_process_engine_runs_ferret_and_the_final_model_is_the_servers(jsonl_
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
 
-    from .conftest import tiny_overrides
+    from .conftest import BASE, tiny_overrides
 
     over = tiny_overrides(jsonl_data, tmp_path / "runs", **{"method.name": "ferret",
                                                              "method.k": 64})
-    cfg = load_config(None, over)
+    cfg = load_config(BASE, over)
     rows = run(cfg, tmp_path / "ferret", progress=False)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
