@@ -64,6 +64,34 @@ def test_yaml_file_with_method_section(tmp_path):
     assert cfg.method_config().wire_dtype == "float16"
 
 
+@pytest.mark.parametrize("overrides, name, options", [
+    ([], "federa", {"rank": 16, "alpha": 32}),
+    (["method.name=federa", "method.rank=4"], "federa", {"rank": 4, "alpha": 32}),
+    (["method.name=ferret"], "ferret", {}),
+    (["method.name=fedit", "method.rank=4"], "fedit", {"rank": 4}),
+    (["method.rank=4", "method.name=fedit"], "fedit", {"rank": 4}),
+    (["method.name=ferret", "method.name=federa"], "federa", {"rank": 16, "alpha": 32}),
+])
+def test_switching_methods_leaves_the_base_options_behind(tmp_path, overrides, name, options):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: federa\n  rank: 16\n  alpha: 32\n")
+    cfg = load_config(path, overrides)
+    assert (cfg.method.name, cfg.method.options) == (name, options)
+
+
+def test_a_switch_keeps_checking_the_options_against_the_new_method(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: federa\n  rank: 16\n")
+    with pytest.raises(ConfigError, match="method.rank: unknown key"):
+        load_config(path, ["method.name=ferret", "method.rank=4"])
+    with pytest.raises(ConfigError, match="method.k: unknown key"):
+        load_config(path, ["method.k=64"])
+    assert load_config(path, ["method.name=ferret", "method.k=64"]).method_config().k == 64
+    # the embedded default names its method's options too; any method can replace it
+    for method in ("fedavg", "ferret", "fedkseed", "fedit"):
+        assert load_config(None, [f"method.name={method}"]).method.name == method
+
+
 @pytest.mark.parametrize("override, fragment", [
     (["federation.roundz=3"], "federation.roundz: unknown key (did you mean 'rounds'?)"),
     (["federation.rounds=three"], "federation.rounds: 'three' is not an integer"),
