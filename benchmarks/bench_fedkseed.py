@@ -409,6 +409,8 @@ def part_accuracy(args) -> str:
         f"train.local_steps={args.steps}", "train.batch_size=1",
         f"eval.max_examples={args.eval_examples}", "eval.batch_size=8",
         f"seed={args.seed}",
+        "data.task=instruction", "train.optimizer=sgd", "method.name=ferret",
+        "eval.generate_examples=64", "eval.max_new_tokens=4",
     ]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()

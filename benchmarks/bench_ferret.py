@@ -49,6 +49,7 @@ COMMON = {
     "model.source": "smollm2",
     "data.source": "natural_instructions",
     "data.path": NI_PATH,
+    "data.task": "instruction",
     "data.max_length": 128,
     "partition.scheme": "task",
     "federation.rounds": 5,

@@ -14,9 +14,9 @@ from .conftest import BASE, REPO
 
 def test_default_config_is_valid_and_embedded():
     cfg = load_config()
-    assert cfg.model.source == "smollm2"
-    assert cfg.data.source == "rotten_tomatoes"
-    assert cfg.method.name == "ferret"
+    assert (cfg.model.source, cfg.data.source, cfg.data.task) == ("minilm", "rotten_tomatoes",
+                                                                  "classification")
+    assert cfg.method.name == "federa" and cfg.method_config().rank == 16
     assert cfg.federation.rounds >= 1
 
 
