@@ -303,7 +303,10 @@ class KSeedServer(_Half):
             np.add.at(self.hist_sum, all_idx, np.abs(np.clip(all_g, -self.cfg.clip, self.cfg.clip)))
             np.add.at(self.hist_count, all_idx, 1)
         self.round += 1
-        return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1]))}
+        abs_g = np.abs(all_g)
+        return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1])),
+                "abs_g_median": float(np.median(abs_g)) if len(abs_g) else 0.0,
+                "abs_g_max": float(abs_g.max()) if len(abs_g) else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "k": self.k, "pool_id": self.pool_id,
