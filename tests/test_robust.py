@@ -19,13 +19,12 @@ import pytest
 import torch
 
 from fedtune import experiment as ex
-from fedtune import wire
 from fedtune.config import ConfigError, load_config
 from fedtune.engines.inprocess import LocalTransport
 from fedtune.engines.rounds import Progress, federate
-from fedtune.methods import fedkseed, registry, robust
-from fedtune.methods.ferret import decode_upload_body, encode_upload_body
+from fedtune.methods import registry, robust
 
+from . import hostile
 from .conftest import tiny_overrides
 
 # --- the rule ----------------------------------------------------------------------------------
@@ -105,119 +104,15 @@ def test_a_method_without_robust_support_is_refused_not_silently_averaged(monkey
         load_config(None, ["method.name=plain", "federation.aggregator=trimmed_mean"])
 
 
-# --- each method's summed space, as the tests read and rewrite it ------------------------------
-
-
-def _flat(tensors) -> np.ndarray:
-    return np.concatenate([t.detach().double().reshape(-1).numpy() for t in tensors.values()])
-
-
-def _unflat(vec: np.ndarray, like) -> dict[str, torch.Tensor]:
-    out, pos = {}, 0
-    for n, t in like.items():
-        out[n] = torch.from_numpy(vec[pos: pos + t.numel()]).reshape(t.shape).to(t.dtype)
-        pos += t.numel()
-    return out
-
-
-class WeightsSpace:
-    """FedAvg, FedIT, FeDeRA (uploads are weights; LoRA's start with the base digest) and
-    FedZO (uploads are deltas)."""
-
-    def __init__(self, prefix: int, deltas: bool):
-        self.prefix, self.deltas = prefix, deltas
-
-    def vector(self, server) -> np.ndarray:
-        return _flat(server.weights)
-
-    def _read(self, server, payload, round_):
-        _, body = wire.unframe(payload, method_id=server.method_id, kind=wire.UP, round_=round_)
-        reader = wire.Reader(body[self.prefix:])
-        tensors = wire.unpack_tensors(reader, server.expected())
-        reader.done()
-        return bytes(body[: self.prefix]), tensors
-
-    def contribution(self, server, payload, round_) -> np.ndarray:
-        """The upload as a point in weight space (FedZO: the global plus its delta)."""
-        up = _flat(self._read(server, payload, round_)[1])
-        return self.vector(server) + up if self.deltas else up
-
-    def rewrite(self, server, payload, round_, attack) -> bytes:
-        prefix, tensors = self._read(server, payload, round_)
-        up = _flat(tensors)
-        new = attack(up) if self.deltas else self.vector(server) + attack(
-            up - self.vector(server))
-        parts = wire.tensor_parts(_unflat(new, tensors))
-        return wire.frame(server.method_id, wire.UP, round_, [prefix, *parts])
-
-
-class KSeedSpace:
-    """FedKSeed(-Pro): the global model is the per-seed accumulated scalars."""
-
-    def vector(self, server) -> np.ndarray:
-        return server.acc.copy()
-
-    def _read(self, server, payload, round_):
-        return fedkseed.decode_upload(server.method_id, payload, round_, server.k, server.pool_id)
-
-    def contribution(self, server, payload, round_) -> np.ndarray:
-        idx, g = self._read(server, payload, round_)
-        return server.acc + np.bincount(idx, weights=g, minlength=server.k)
-
-    def rewrite(self, server, payload, round_, attack) -> bytes:
-        idx, g = self._read(server, payload, round_)
-        return fedkseed.encode_upload(server.method_id, round_, server.pool_id, idx, attack(g))
-
-
-class FerretSpace:
-    """Ferret reference mode (no momentum): the round's table of per-(seed, block) sums,
-    rebuilt here from the client's seed with the mode's own index rule."""
-
-    def vector(self, server) -> np.ndarray:
-        return server.mode.table.copy()
-
-    def _read(self, server, payload, round_):
-        _, body = wire.unframe(payload, method_id=server.method_id, kind=wire.UP, round_=round_)
-        return decode_upload_body(server.cfg, server.layout, body)
-
-    def contribution(self, server, payload, round_) -> np.ndarray:
-        upd, mode = self._read(server, payload, round_), server.mode
-        vec, pos, nblocks = np.zeros_like(mode.table), 0, len(server.layout)
-        for block, n in enumerate(upd.counts):
-            for j, c in zip(mode.indices(upd.seed, block, n), upd.coords[pos: pos + n]):
-                vec[j * nblocks + block] = c
-            pos += n
-        return vec
-
-    def rewrite(self, server, payload, round_, attack) -> bytes:
-        upd = self._read(server, payload, round_)
-        body = encode_upload_body(server.cfg, server.layout, upd.seed, upd.counts,
-                                  attack(upd.coords))
-        return wire.frame(server.method_id, wire.UP, round_, body)
-
-
 METHODS = {
-    "fedavg": ({}, WeightsSpace(0, deltas=False)),
-    "fedzo": ({}, WeightsSpace(0, deltas=True)),
-    "fedit": ({"method.rank": 2}, WeightsSpace(32, deltas=False)),
-    "federa": ({"method.rank": 2}, WeightsSpace(32, deltas=False)),
-    "fedkseed": ({"method.k": 4, "train.local_steps": 4}, KSeedSpace()),
-    "fedkseed_pro": ({"method.k": 4, "train.local_steps": 4}, KSeedSpace()),
-    "ferret": ({"method.mode": "reference", "method.pool_size": 8}, FerretSpace()),
+    "fedavg": ({}, hostile.WeightsSpace(0, deltas=False)),
+    "fedzo": ({}, hostile.WeightsSpace(0, deltas=True)),
+    "fedit": ({"method.rank": 2}, hostile.WeightsSpace(32, deltas=False)),
+    "federa": ({"method.rank": 2}, hostile.WeightsSpace(32, deltas=False)),
+    "fedkseed": ({"method.k": 4, "train.local_steps": 4}, hostile.KSeedSpace()),
+    "fedkseed_pro": ({"method.k": 4, "train.local_steps": 4}, hostile.KSeedSpace()),
+    "ferret": ({"method.mode": "reference", "method.pool_size": 8}, hostile.FerretSpace()),
 }
-
-
-def scaled(x):
-    return 1e3 * x
-
-
-def flipped(x):
-    return -x
-
-
-def noise(x):
-    rms = float(np.sqrt(np.mean(x**2))) or 1.0
-    return np.random.default_rng(len(x)).normal(0.0, 1e3 * rms, size=x.shape)
 
 
 def hostile_federation(method, aggregator, attacks, data, tmp_path, trim=0.1, clients=7,
@@ -237,21 +132,7 @@ def hostile_federation(method, aggregator, attacks, data, tmp_path, trim=0.1, cl
     model = ex.build_model(exp)
     client, server = ex.build_client(exp, model), ex.build_server(exp, model)
     rounds_seen: list[dict] = []
-    real_fit = client.fit
-
-    def fit(download, data, ctx):
-        if not rounds_seen or rounds_seen[-1]["round"] != ctx.round:
-            rounds_seen.append({"round": ctx.round, "before": space.vector(server), "up": {},
-                                "n": {}})
-        payload = real_fit(download, data, ctx)
-        if ctx.client_id in attacks:
-            payload = space.rewrite(server, payload, ctx.round, attacks[ctx.client_id])
-        seen = rounds_seen[-1]
-        seen["up"][ctx.client_id] = space.contribution(server, payload, ctx.round)
-        seen["n"][ctx.client_id] = len(data)
-        return payload
-
-    client.fit = fit
+    hostile.make_hostile(client, server, space, attacks, rounds_seen)
     rows = federate(exp, server, client, LocalTransport(exp, client, Progress(False)),
                     tmp_path / f"run-{aggregator}", out=Progress(False))
     assert all(row["rejected"] == [] and len(row["clients"]) == clients for row in rows[1:])
@@ -274,7 +155,7 @@ def within(x, lo, hi) -> bool:
     return bool(np.all(x >= lo - tol) and np.all(x <= hi + tol))
 
 
-ATTACKS = {1: scaled, 3: flipped, 5: noise}
+ATTACKS = {1: hostile.scaled, 3: hostile.flipped, 5: hostile.noise}
 """Three hostile clients of seven: fewer than half."""
 
 
@@ -311,7 +192,7 @@ def test_median_stays_within_the_honest_spread_where_mean_is_thrown_off(method, 
 def test_trimmed_mean_cutting_as_many_as_are_hostile_stays_within_the_honest_spread(
         method, jsonl_data, tmp_path):
     """trim 0.3 of 7 cuts 2 clients from each end: enough for two hostile ones."""
-    attacks = {2: scaled, 4: noise}
+    attacks = {2: hostile.scaled, 4: hostile.noise}
     rounds, _ = hostile_federation(method, "trimmed_mean", attacks, jsonl_data, tmp_path,
                                    trim=0.3, rounds=1)
     (seen,) = rounds
