@@ -66,7 +66,7 @@ def run_one(aggregator: str, attacks: dict, workdir: Path) -> dict[str, Any]:
     except RuntimeError as e:  # every client diverged: too few acceptable uploads
         stopped = str(e)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    keep = ("round", "accuracy", "eval_loss", "rejected")
+    keep = ("round", "accuracy", "eval_loss", "rejected", "accuracy_majority")
     return {"aggregator": aggregator, "hostile": len(attacks),
             "attacks": {str(c): KINDS[a] for c, a in attacks.items()},
             "rows": [{k: r[k] for k in keep if k in r} for r in rows],
@@ -93,6 +93,10 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def majority(results: list[dict[str, Any]]) -> str:
+    return cell(results[0]["rows"][0].get("accuracy_majority"), ".3f")
+
+
 def main() -> None:
     env = environment()
     env["loadavg_start"] = loadavg()
@@ -113,7 +117,8 @@ def main() -> None:
         "# Byzantine-robust aggregation: mean against median (issue 14)\n\n"
         "`flock /tmp/fedtune-bench.lock python benchmarks/bench_robust.py` (in-process engine), "
         f"each run `{args}` with `federation.aggregator` mean or median. Held-out accuracy on "
-        f"{COMMON['eval.max_examples']} examples. Hostile clients train honestly and then "
+        f"{COMMON['eval.max_examples']} examples (the majority label's share of them: "
+        f"{majority(results)}). Hostile clients train honestly and then "
         "rewrite their upload (tests/hostile.py): 1 hostile = client 1 sends its update x1e3; "
         "3 hostile = client 1 x1e3, client 4 sign-flipped, client 7 noise 1e3 times the "
         "update's size.\n\n"
