@@ -395,99 +395,48 @@ def part_memory(args) -> str:
 
 
 def part_accuracy(args) -> str:
-    from fedtune import experiment as ex
+    """Each method is one ``inprocess.run`` of the same config: the round loop every engine
+    uses, so the figures are those a user's run gives."""
     from fedtune.config import load_config
-    from fedtune.evaluation import SCORER_NAME, evaluation_loss, generate, rouge_l
-    from fedtune.methods import fedavg, fedkseed, fedzo
-    from fedtune.methods.base import FitContext, Upload, trainable_parameters, trainable_state
+    from fedtune.engines.inprocess import run
+    from fedtune.evaluation import SCORER_NAME
 
-    overrides = [
+    common = [
         f"model.source={args.model}", "data.source=natural_instructions", f"data.path={args.ni}",
         f"data.max_length={args.max_length}", "partition.scheme=task",
         f"federation.rounds={args.rounds}",
         f"federation.clients_per_round={args.clients / 48}",
         f"train.local_steps={args.steps}", "train.batch_size=1",
         f"eval.max_examples={args.eval_examples}", "eval.batch_size=8",
-        f"seed={args.seed}",
-        "data.task=instruction", "train.optimizer=sgd", "method.name=ferret",
-        "eval.generate_examples=64", "eval.max_new_tokens=4",
+        f"eval.generate_examples={args.gen_examples}", f"eval.max_new_tokens={args.new_tokens}",
+        "eval.generate_every=0", "output.save_model=false", f"seed={args.seed}",
+        "data.task=instruction", "train.optimizer=sgd",
     ]
-    cfg = load_config(None, overrides)
-    t0 = time.perf_counter()
-    exp = ex.setup(cfg)
-    model = ex.build_model(exp)
-    w0 = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
-    available = [c for c in range(len(exp.clients)) if len(exp.clients[c])]
-    test = exp.test[: args.eval_examples]
-    gen_ex = test[: args.gen_examples]
-    print(f"setup {time.perf_counter() - t0:.1f} s: {len(available)} clients, "
-          f"{len(test)} eval examples", flush=True)
-
-    def eval_loss() -> float:
-        return evaluation_loss(model, exp.task, test, 8)
-
-    def rouge() -> float:
-        preds = generate(model, exp.tokenizer, [e["prompt"] for e in gen_ex], args.new_tokens, 8)
-        return rouge_l(preds, [e["reference"] for e in gen_ex])
-
-    t0 = time.perf_counter()
-    loss0, rouge0 = eval_loss(), rouge()
-    print(f"before: eval loss {loss0:.4f} Rouge-L {rouge0:.4f} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    kseed = {"k": args.k, "eta": args.eta, "eps": args.eps, "mode": "keep"}
+    zo = [f"method.eta={args.eta}", f"method.eps={args.eps}", "method.mode=keep"]
+    kseed = [*zo, f"method.k={args.k}"]
     runs = [
-        ("FedKSeed", fedkseed.spec_fedkseed, fedkseed.Config(**kseed), cfg.train),
-        ("FedKSeed (Rademacher)", fedkseed.spec_fedkseed,
-         fedkseed.Config(**kseed, distribution="rademacher"), cfg.train),
-        ("FedKSeed-Pro", fedkseed.spec_fedkseed_pro, fedkseed.Config(**kseed), cfg.train),
-        ("FedZO", fedzo.METHOD, fedzo.Config(eta=args.eta, eps=args.eps, mode="keep"), cfg.train),
-        ("FedAvg", fedavg.METHOD, fedavg.Config(),
-         type(cfg.train)(optimizer="adamw", lr=args.fedavg_lr, local_steps=args.steps,
-                         batch_size=1)),
+        ("FedKSeed", ["method.name=fedkseed", *kseed]),
+        ("FedKSeed (Rademacher)", ["method.name=fedkseed", *kseed, "method.distribution=rademacher"]),
+        ("FedKSeed-Pro", ["method.name=fedkseed_pro", *kseed]),
+        ("FedZO", ["method.name=fedzo", *zo]),
+        ("FedAvg", ["method.name=fedavg", "train.optimizer=adamw", f"train.lr={args.fedavg_lr}"]),
     ]
     if args.methods:
         runs = [r for r in runs if r[0] in args.methods.split(",")]
     results = []
-    for name, spec, mcfg, train in runs:
-        with torch.no_grad():
-            for n, p in trainable_parameters(model).items():
-                p.copy_(w0[n])
-        client = spec.make_client(mcfg, model, cfg.seed)
-        server = spec.make_server(mcfg, trainable_state(model) if spec.method_id in (1, 2)
-                                  else None, cfg.seed, "examples")
-        last: dict[int, int] = {}
-        losses, ups, downs, gs = [loss0], [], [], []
-        t_run = time.perf_counter()
-        t_train = 0.0
-        for r in range(args.rounds):
-            uploads = []
-            for cid in ex.sample_clients(cfg, r, available):
-                down = server.download(r, since=last.get(cid))
-                seed = ex.client_seed(cfg, r, cid)
-                torch.manual_seed(seed)
-                ctx = FitContext(round=r, client_id=cid, seed=seed, train=train, task=exp.task)
-                t1 = time.perf_counter()
-                payload = client.fit(down, exp.clients[cid], ctx)
-                t_train += time.perf_counter() - t1
-                uploads.append(Upload(cid, len(exp.clients[cid]), payload))
-                if isinstance(server, fedkseed.KSeedServer):
-                    gs += np.abs(fedkseed.decode_upload(spec.method_id, payload, r, server.k,
-                                                        server.pool_id)[1]).tolist()
-                last[cid] = r
-                ups.append(len(payload))
-                downs.append(len(down))
-            server.aggregate(r, uploads)
-            client.sync(server.download(r + 1, since=r))
-            losses.append(eval_loss())
-            print(f"{name} round {r + 1}: eval loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - t_run:.0f} s)", flush=True)
-        rl = rouge()
-        print(f"{name}: Rouge-L {rl:.4f}", flush=True)
-        results.append({"name": name, "losses": losses, "rouge": rl, "g": gs,
-                        "up": float(np.mean(ups)), "down": float(np.mean(downs)),
-                        "train_s": t_train, "total_s": time.perf_counter() - t_run})
-        del client, server
+    for name, over in runs:
+        t0 = time.perf_counter()
+        rows = run(load_config(None, [*common, *over]),
+                   Path("/tmp") / f"bench-fedkseed-{os.getpid()}-{len(results)}", overwrite=True)
+        trained = rows[1:]
+        results.append({
+            "name": name, "losses": [r["eval_loss"] for r in rows],
+            "rouge": (rows[0]["rouge_l"], rows[-1]["rouge_l"]),
+            "up": float(np.mean([r["bytes_up_per_client"] for r in trained])),
+            "down": float(np.mean([r["bytes_down_per_client"] for r in trained])),
+            "g": [(r["method_abs_g_median"], r["method_abs_g_max"]) for r in trained
+                  if "method_abs_g_median" in r],
+            "train_s": sum(r["time_fit"] for r in trained), "total_s": time.perf_counter() - t0})
         gc.collect()
     fedavg_up = next((r["up"] for r in results if r["name"] == "FedAvg"), None)
     fedavg_down = next((r["down"] for r in results if r["name"] == "FedAvg"), None)
@@ -495,26 +444,31 @@ def part_accuracy(args) -> str:
     for res in results:
         ls = res["losses"]
         mono = all(b < a for a, b in itertools.pairwise(ls))
+        g = res["g"]
         rows.append([res["name"], " -> ".join(f"{x:.4f}" for x in ls),
-                     "yes" if mono else "no", f"{rouge0:.4f}", f"{res['rouge']:.4f}",
+                     "yes" if mono else "no", f"{res['rouge'][0]:.4f}", f"{res['rouge'][1]:.4f}",
                      f"{res['up']:,.0f}", f"{res['down']:,.0f}",
                      f"{fedavg_up / res['up']:,.0f}x" if fedavg_up else "-",
                      f"{fedavg_down / res['down']:,.0f}x" if fedavg_down else "-",
-                     (f"{np.median(res['g']):.1f} / {np.max(res['g']):.0f}" if res["g"]
-                      else "-"),
+                     (f"{statistics.median(m for m, _ in g):.1f} / {max(x for _, x in g):.0f}"
+                      if g else "-"),
                      f"{res['train_s']:.0f}"])
+    cfg = load_config(None, common)
     return "\n\n".join([
         f"## Accuracy at equal rounds, eta {args.eta:g} (Natural Instructions, SmolLM2-135M)",
-        (f"One client per training task ({len(available)} clients), {args.clients} sampled per "
+        (f"One client per training task, {args.clients} sampled per "
         f"round, {args.rounds} rounds, {args.steps} local steps of batch 1 per client, "
-        f"examples cut to {args.max_length} tokens (prompt cut from the left). Evaluation: loss "
-        f"on {len(test)} held-out test-task examples after every round; Rouge-L ({SCORER_NAME}) "
-        f"of greedy generations (max {args.new_tokens} new tokens) on {len(gen_ex)} of them, "
-        f"before and after. ZO methods: eta {args.eta:g}, eps {args.eps:g}, K {args.k}, keep "
-        "mode (the same directions as in place, one generation per step, to fit the time "
-        f"budget); FedAvg: AdamW lr {args.fedavg_lr:g}, same steps and batches. Bytes: mean "
-        "length of the encoded messages per client per round (download as sent to each sampled "
-        "client; new clients get the dense form)."),
+        f"examples cut to {args.max_length} tokens (prompt cut from the left); each method is one "
+        "`fedtune.engines.inprocess.run` of the same config. Evaluation: loss "
+        f"on {cfg.eval.max_examples} held-out test-task examples after every round; Rouge-L "
+        f"({SCORER_NAME}) of greedy generations (max {args.new_tokens} new tokens) on "
+        f"{args.gen_examples} of them, before and after. ZO methods: eta {args.eta:g}, eps "
+        f"{args.eps:g}, K {args.k}, keep mode (the same directions as in place, one generation "
+        f"per step, to fit the time budget); FedAvg: AdamW lr {args.fedavg_lr:g}, same steps "
+        "and batches. Bytes: mean length of the encoded messages per client per round (download "
+        "as sent to each sampled client; new clients get the dense form). |g|: the median of "
+        "the rounds' median |g| over the uploaded steps, and the largest |g| of the run (the "
+        "FedKSeed server's `abs_g_median` / `abs_g_max` round metrics)."),
         table(["method", "eval loss by round (0 = before)", "falls every round",
                "Rouge-L before", "Rouge-L after", "bytes up", "bytes down", "FedAvg/ up",
                "FedAvg/ down", "median / max abs g", "train s"], rows),

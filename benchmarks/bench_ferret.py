@@ -67,7 +67,7 @@ COMMON = {
     "output.save_model": False,
 }
 METHODS = {
-    "ferret": {"method.name": "ferret", "method.k": 512},
+    "ferret": {"method.name": "ferret", "method.k": 512, "method.distribution": "truncnormal"},
     "fedavg": {"method.name": "fedavg"},
     "fedkseed": {"method.name": "fedkseed"},
     # 4x the coordinates at about the default's generation time (random bits are ~4x cheaper)
@@ -249,6 +249,76 @@ def accuracy(method: str) -> dict[str, Any]:
             "method_options": {k: v for k, v in vars(cfg.method_config()).items()}}
 
 
+def allocation(args) -> dict[str, Any]:
+    """Predicted reconstruction error of each allocation rule on real updates: the Deltas of
+    round 0's sampled clients (accuracy settings), the error ``sqrt(sum_l d_l ||Delta_l||^2 /
+    K_l) / ||Delta||`` from ``PaperMode.allocate``'s counts (no bases generated), and the random
+    numbers ``sum_l K_l d_l`` each choice costs to project and to rebuild."""
+    import math
+
+    from fedtune import experiment as ex
+    from fedtune.methods.ferret import Config, Layout, PaperMode
+    from fedtune.methods.training import local_train
+
+    cfg = load_config(None, overrides(METHODS["ferret"]))
+    exp = ex.setup(cfg)
+    model = ex.build_model(exp)
+    w0 = trainable_state(model)
+    layout = Layout(Config(), [(n, t.shape) for n, t in w0.items()])
+    points = [("norm", 4096), ("sqrt_size", 4096), ("norm", 16384)]
+    clients = []
+    for cid in ex.sample_clients(cfg, 0, list(range(len(exp.clients)))):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in w0:
+                    p.copy_(w0[n])
+        local_train(model, exp.clients[cid], FitContext(
+            round=0, client_id=cid, seed=ex.client_seed(cfg, 0, cid), train=cfg.train,
+            task=exp.task))
+        now = dict(model.named_parameters())
+        names = layout.names
+        norms = [math.sqrt(sum(float((w0[names[i]] - now[names[i]].detach()).double().norm() ** 2)
+                               for i in group)) for group in layout.groups]
+        total = sum(n * n for n in norms)
+        out = {"client": cid, "embedding_share": norms[0] ** 2 / total}
+        for rule, k in points:
+            counts = PaperMode(Config(k=k, allocation=rule), layout, cfg.seed).allocate(norms)
+            err = sum(d * n * n / c for d, n, c in zip(layout.sizes, norms, counts))
+            out[f"{rule}@{k}"] = {"relative_error": math.sqrt(err / total),
+                                  "numbers": sum(c * d for c, d in zip(counts, layout.sizes)),
+                                  "largest_block_bases": counts[layout.sizes.index(
+                                      max(layout.sizes))]}
+        clients.append(out)
+        print(json.dumps(out), flush=True)
+    return {"clients": clients, "blocks": len(layout), "largest_block": max(layout.sizes),
+            "median_block": sorted(layout.sizes)[len(layout) // 2]}
+
+
+def _allocation_section(al: dict[str, Any]) -> list[str]:
+    keys = [k for k in al["clients"][0] if "@" in k]
+    lines = ["## Allocation rules on real updates", "",
+             f"Command: `{al['command']}` (load average {al['machine']['load_avg_at_start']}).",
+             "", (f"SmolLM2-135M, {al['blocks']} blocks (largest {al['largest_block']:,}: the "
+             f"embedding; median {al['median_block']:,}). Each of round 0's sampled clients "
+             "trains as in the accuracy runs; for each rule and k, `PaperMode.allocate` gives "
+             "the counts K_l and the predicted relative reconstruction error "
+             "sqrt(sum_l d_l ||Delta_l||^2 / K_l) / ||Delta|| (what one client's "
+             "reconstruction is off by; no bases generated), with the random numbers "
+             "sum_l K_l d_l it costs to project (and again to rebuild)."), "",
+             "| client | embedding share of ‖Δ‖² | " + " | ".join(
+                 f"{k} error | {k} numbers (G) | {k} bases on the embedding" for k in keys) + " |",
+             "|---|---|" + "---|---|---|" * len(keys)]
+    for c in al["clients"]:
+        lines.append(f"| {c['client']} | {c['embedding_share']:.2f} | " + " | ".join(
+            f"{c[k]['relative_error']:.0f} | {c[k]['numbers'] / 1e9:.1f} | "
+            f"{c[k]['largest_block_bases']}" for k in keys) + " |")
+    lines += ["", ("norm (the paper's rule) is the least error for the numbers generated; "
+              "sqrt_size the least for the coordinates sent. At equal generation cost the norm "
+              "rule with more coordinates beats sqrt_size (compare the columns of equal "
+              "numbers)."), ""]
+    return lines
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -312,6 +382,8 @@ def render(res: dict[str, Any]) -> str:
     for n, acc in enumerate(groups.values()):
         lines += _accuracy_section(acc, "Accuracy at equal rounds" if n == 0
                                    else f"Accuracy at equal rounds, other settings ({n})")
+    if res.get("allocation"):
+        lines += _allocation_section(res["allocation"])
     if res.get("notes"):
         lines += ["## Findings", "", res["notes"], ""]
     return "\n".join(lines)
@@ -381,7 +453,7 @@ def _method_names(items: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["throughput", "accuracy", "report"], required=True)
+    p.add_argument("--part", choices=["throughput", "accuracy", "allocation", "report"], required=True)
     p.add_argument("--methods", nargs="+", default=["ferret,fedavg,fedkseed"],
                    help="METHODS entries, comma-separated, or sweep points base:key=value,...")
     p.add_argument("--k", type=int, default=512)
@@ -395,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
         out = throughput(args)
         out.update(machine=machine(), command=command)
         res["throughput"] = out
+        save_results(res)
+    elif args.part == "allocation":
+        out = allocation(args)
+        out.update(machine=machine(), command=command)
+        res["allocation"] = out
         save_results(res)
     elif args.part == "accuracy":
         for method in _method_names(args.methods):

@@ -264,7 +264,9 @@ def test_weighted_and_equal_accumulation_by_hand():
     ups = [Upload(0, 1, encode_upload(3, 0, pid, np.array([1, 2, 1]), np.array([1., 2., 3.]))),
            Upload(1, 3, encode_upload(3, 0, pid, np.array([2, 7]), np.array([-4., 8.])))]
     s = KSeedServer(cfg, None, RUN_SEED, "examples")
-    s.aggregate(0, ups)
+    metrics = s.aggregate(0, ups)
+    # |g| over both uploads: 1, 2, 3, 4, 8 (the run log's step-size statistics)
+    assert metrics == {"steps": 5.0, "seeds_touched": 3.0, "abs_g_median": 3.0, "abs_g_max": 8.0}
     # seed 1: 1/4 * (1 + 3) = 1; seed 2: 1/4 * 2 + 3/4 * -4 = -2.5; seed 7: 3/4 * 8 = 6
     assert np.allclose(s.acc, [0, 1, -2.5, 0, 0, 0, 0, 6])
     e = KSeedServer(cfg, None, RUN_SEED, "equal")

@@ -113,6 +113,19 @@ class FederationConfig:
     round_timeout: float = 600.0
     """Flower: seconds to wait for the sampled clients' uploads before aggregating those that
     answered."""
+    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"
+    """How the server combines a round's uploads. mean: each method's average weighted by
+    ``weighting``. median, trimmed_mean: Byzantine-robust rules, coordinate-wise over the
+    space each method sums (FedKSeed/FedKSeed-Pro: per-seed scalar sums; Ferret: coordinates
+    over the shared pool, reference mode only; FedAvg: weights; FedZO: weight deltas;
+    FedIT/FeDeRA: adapter tensors A and B and the head), so that a minority of faulty or
+    hostile clients cannot drag any coordinate outside the honest clients' range. Both are
+    unweighted (``weighting`` is not used): a weight comes from the example count a client
+    reports, which a hostile client can inflate. See ``methods/robust.py``."""
+    trim: float = 0.1
+    """trimmed_mean: the fraction of the round's clients cut from each end of every coordinate
+    before averaging, ``floor(trim x clients)`` of them, in [0, 0.5) (so at least one client is
+    always left); to withstand h hostile clients of m it must cut at least h."""
 
 
 @dataclass
@@ -410,6 +423,9 @@ def validate(cfg: ExperimentConfig) -> None:
              f"federation.clients_per_round: {f.clients_per_round} must be in (0, 1]")
     _require(f.min_clients >= 1, f"federation.min_clients: {f.min_clients} must be at least 1")
     _require(f.round_timeout > 0, "federation.round_timeout must be positive")
+    _require(math.isfinite(f.trim) and 0 <= f.trim < 0.5,
+             f"federation.trim: {f.trim} must be in [0, 0.5) (a fraction cut from each end; "
+             "0.5 or more would leave no client)")
     _require(p.num_clients >= 1, f"partition.num_clients: {p.num_clients} must be at least 1")
     _require(p.alpha > 0, f"partition.alpha: {p.alpha} must be positive")
     _require(p.min_client_size >= 1, "partition.min_client_size must be at least 1")
@@ -465,7 +481,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(cfg.method.name in METHODS,
              f"method.name: {cfg.method.name!r} is not a method; use one of "
              + ", ".join(sorted(METHODS)))
-    cfg.method_config()  # validates the method options
+    method_cfg = cfg.method_config()  # validates the method options
+    if f.aggregator != "mean":
+        from fedtune.methods import robust
+
+        refused = robust.refusal(METHODS[cfg.method.name].make_server, method_cfg)
+        _require(refused is None, f"federation.aggregator: {f.aggregator} is not available for "
+                 f"method.name={cfg.method.name}: {refused}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.methods import robust
 from fedtune.methods.base import Client, MethodSpec, Server, trainable_state
 from fedtune.methods.registry import get_method
 from fedtune.models import load_model, load_tokenizer, resolve_device
@@ -108,8 +109,12 @@ def build_server(exp: Experiment, model: torch.nn.Module) -> Server:
     """The server half, from the model's trainable state (on the model's device, in its dtype;
     each method's server decides where it keeps its state: FedAvg's and LoRA's on the CPU)."""
     with _method_options_checked():
-        return exp.spec.make_server(exp.method_cfg, trainable_state(model), exp.cfg.seed,
-                                    exp.cfg.federation.weighting)
+        server = exp.spec.make_server(exp.method_cfg, trainable_state(model), exp.cfg.seed,
+                                      exp.cfg.federation.weighting)
+    f = exp.cfg.federation
+    if f.aggregator != "mean":  # validate() refused the pairs robust.refusal names
+        server.aggregator = robust.Rule(f.aggregator, f.trim)
+    return server
 
 
 def sample_clients(cfg: ExperimentConfig, round_: int, available: list[int]) -> list[int]:

@@ -130,6 +130,11 @@ def decode_uploads(uploads: list[Upload], decode) -> list[Any]:
 
 
 class Server(Protocol):
+    aggregator: Any
+    """``federation.aggregator`` as a ``robust.Rule`` (``robust.MEAN`` unless
+    ``experiment.build_server`` sets another); a server that can apply a robust rule also has
+    a ``robust_refusal(method_cfg) -> str | None`` classmethod (see ``methods.robust``)."""
+
     def download(self, round: int, since: int | None) -> bytes:
         """The message that brings a client at global round ``since`` to ``round``."""
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from fedtune import wire
+from fedtune.methods import robust
 from fedtune.methods.base import (
     FitContext,
     MethodSpec,
@@ -32,6 +33,7 @@ from fedtune.methods.base import (
     check_uploads,
     client_weights,
     decode_upload,
+    decode_uploads,
     trainable_parameters,
 )
 from fedtune.methods.training import local_train
@@ -55,6 +57,14 @@ class WeightsServer:
     uploads_are_deltas = False
     """False: uploads are weights, the new global is their average. True: uploads are
     ``w_local - w_global``, the new global is ``w_global`` plus their average."""
+    aggregator = robust.MEAN
+    """``federation.aggregator`` (set by ``experiment.build_server``): median and trimmed mean
+    are taken coordinate-wise over the uploaded tensors (weights, LoRA adapters A and B and the
+    head as FedIT averages them, or FedZO's deltas)."""
+
+    @classmethod
+    def robust_refusal(cls, cfg) -> str | None:
+        return None  # every upload is a tensor of the same named parameter space
 
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
                  weighting: str):
@@ -86,6 +96,8 @@ class WeightsServer:
     def aggregate(self, round: int, uploads: list[Upload]) -> dict[str, float]:
         if round != self.round:
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
+        if self.aggregator.robust:
+            return self._aggregate_robust(round, uploads)
         check_uploads(uploads)
         weights = client_weights(uploads, self.weighting)
         # Uploads are decoded and summed one at a time (memory: one model, not one per client)
@@ -100,6 +112,21 @@ class WeightsServer:
                     raise wire.MessageError(f"client {upload.client_id}: its update makes the "
                                             f"average of {n!r} overflow", upload.client_id)
             del tensors
+        self.weights = new
+        self.round += 1
+        return {}
+
+    def _aggregate_robust(self, round: int, uploads: list[Upload]) -> dict[str, float]:
+        """The coordinate-wise rule tensor by tensor; unlike the weighted mean it needs every
+        upload decoded at once (memory: one model per client)."""
+        decoded = decode_uploads(uploads, lambda p: self.decode(p, round))
+        new = {}
+        for n, t in self.weights.items():
+            combined = robust.combine(torch.stack([d[n].float() for d in decoded]),
+                                      self.aggregator)
+            new[n] = t + combined if self.uploads_are_deltas else combined
+            if not torch.isfinite(new[n]).all():
+                raise wire.MessageError(f"the {self.aggregator.name} update of {n!r} overflows")
         self.weights = new
         self.round += 1
         return {}

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from fedtune import wire
+from fedtune.methods import robust
 from fedtune.methods.base import (
     FitContext,
     MethodSpec,
@@ -251,6 +252,18 @@ class _Half:
 class KSeedServer(_Half):
     """Keeps the per-seed accumulated scalars (and Pro's histories); needs no model."""
 
+    aggregator = robust.MEAN
+    """``federation.aggregator`` (set by ``experiment.build_server``): median and trimmed mean
+    are taken per seed over the clients' vectors of per-seed scalar sums (K long, zero where a
+    client drew no step on that seed). A seed's aggregate is then non-zero only where most
+    clients stepped on it, so this suits a pool that is small against the steps per client;
+    with K much larger, most honest steps are discarded too. Pro's histories take every
+    reported scalar as before (clipped to +-clip)."""
+
+    @classmethod
+    def robust_refusal(cls, cfg: Config) -> str | None:
+        return None  # every client's per-seed sums index the same pool
+
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor] | None, run_seed: int,
                  weighting: str):
         if weighting not in ("examples", "equal"):
@@ -290,10 +303,15 @@ class KSeedServer(_Half):
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
         decoded = decode_uploads(uploads, lambda p: decode_upload(
             self.method_id, p, round, self.k, self.pool_id))
-        weights = client_weights(uploads, self.weighting)
-        delta = np.zeros(self.k, dtype=np.float64)
-        for w, (idx, g) in zip(weights, decoded):
-            np.add.at(delta, idx, w * g)
+        if self.aggregator.robust:
+            sums = np.zeros((len(decoded), self.k), dtype=np.float64)
+            for row, (idx, g) in zip(sums, decoded):
+                np.add.at(row, idx, g)
+            delta = robust.combine(sums, self.aggregator)
+        else:
+            delta = np.zeros(self.k, dtype=np.float64)
+            for w, (idx, g) in zip(client_weights(uploads, self.weighting), decoded):
+                np.add.at(delta, idx, w * g)
         all_idx = (np.concatenate([idx for idx, _ in decoded]) if decoded
                    else np.zeros(0, dtype=np.int64))
         all_g = np.concatenate([g for _, g in decoded]) if decoded else np.zeros(0)
@@ -303,7 +321,10 @@ class KSeedServer(_Half):
             np.add.at(self.hist_sum, all_idx, np.abs(np.clip(all_g, -self.cfg.clip, self.cfg.clip)))
             np.add.at(self.hist_count, all_idx, 1)
         self.round += 1
-        return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1]))}
+        abs_g = np.abs(all_g)
+        return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1])),
+                "abs_g_median": float(np.median(abs_g)) if len(abs_g) else 0.0,
+                "abs_g_max": float(abs_g.max()) if len(abs_g) else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "k": self.k, "pool_id": self.pool_id,

@@ -11,6 +11,15 @@ Round ``r``, client ``i``:
 4. Server and every client apply ``w_{r+1} = w_r - eta_s x (the round's reconstruction)``, by
    the same function on the same decoded bytes, so all copies of the model stay bit-identical.
 
+Defaults (``Config``): paper mode, ``k = 4096`` coordinates per client, Rademacher bases,
+``server_lr = 1``. Against the paper's exact setting: the bases are +-1 rather than its truncated
+normal (the same unbiased estimate, and several times cheaper to generate, so more coordinates
+for the same time); ``k`` is the smallest tried that keeps the held-out loss with FedAvg's round
+after round (``benchmarks/ferret.md``: at fedtune's former 512 it rose from round 2), about half
+the count the paper reports for a 3B model; coordinates travel as float32 (``wire_dtype:
+float16`` halves them, as the paper counts); and the server step 1 makes the expected update
+FedAvg's, where the paper tuned 10. ``distribution: truncnormal`` recovers the paper's bases.
+
 The two modes (``modes.PaperMode``, ``modes.ReferenceMode``: the paper's algorithm and the
 authors' code) differ only in which bases a client uses, how coordinates are scaled and how the
 server combines them; ``modes`` describes each and its round record, ``messages`` the bytes.

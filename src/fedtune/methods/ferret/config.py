@@ -19,16 +19,25 @@ MAX_SERVER_LR = 1e6
 
 @dataclass
 class Config:
-    k: int = 512
+    k: int = 4096
     """paper mode: coordinates per client per round (bases over all blocks, split in proportion
     to the blocks' update norms by ``projection.allocate``). Each client generates
     sum_l K_l d_l random numbers to project, and every party as many per client to rebuild;
     the floor (``min_bases`` per block) is already ``min_bases`` x d. Must be at least
     ``min_bases`` x blocks. Not used in reference mode (there ``pool_size`` plays its part)."""
-    distribution: Literal["truncnormal", "gaussian", "rademacher"] = "truncnormal"
+    distribution: Literal["truncnormal", "gaussian", "rademacher"] | None = None
     """Basis entries: the paper's N(0, 1) truncated to [-1/sqrt(d_l), 1/sqrt(d_l)] (exact
     variance rho_l), N(0, 1), or +-1 from random bits (the cheapest to generate, so the most
-    coordinates for a given time)."""
+    coordinates for a given time). Default: rademacher in paper mode; truncnormal in reference
+    mode, the only one it takes (the authors' d_l/K_l scale is unbiased up to a factor 1/3 only
+    for entries of variance about 1/(3 d_l))."""
+    allocation: Literal["norm", "sqrt_size"] = "norm"
+    """paper mode: how the ``k`` coordinates are split over the blocks. norm: ``K_l`` in
+    proportion to ``||Delta_l||`` (the paper's rule), the least reconstruction error
+    ``sum_l d_l ||Delta_l||^2 / K_l`` for the random numbers generated (``sum_l K_l d_l``).
+    sqrt_size: in proportion to ``sqrt(d_l) ||Delta_l||``, the least error for the ``k``
+    coordinates sent, at the price of more numbers generated for the large blocks (the
+    embedding). Reference mode has the authors' rule."""
     server_lr: float = 1.0
     """eta_s, in (0, 1e6]. In paper mode 1 makes the expected global update FedAvg's; the paper
     used 10 on Natural Instructions with the reference code's d_l/K_l scale."""
@@ -59,6 +68,12 @@ class Config:
     as the clients). False: the server only relays seeds and coordinates."""
 
     def __post_init__(self) -> None:
+        if self.distribution is None:
+            self.distribution = "truncnormal" if self.mode == "reference" else "rademacher"
+        if self.mode == "reference" and self.distribution != "truncnormal":
+            raise ValueError(f"reference mode scales coordinates by d_l/K_l, which assumes the "
+                             f"truncated normal's variance; distribution {self.distribution!r} "
+                             "would multiply the update by d_l (use truncnormal)")
         if self.k < 1:
             raise ValueError(f"k = {self.k} must be at least 1")
         if self.min_bases < 1:
@@ -69,6 +84,9 @@ class Config:
             raise ValueError("server_momentum must be in [0, 1)")
         if self.mode == "paper" and self.server_momentum:
             raise ValueError("server_momentum is a reference-mode option (mode: reference)")
+        if self.mode == "reference" and self.allocation != "norm":
+            raise ValueError("allocation is a paper-mode option (reference mode allocates by "
+                             "the authors' rule)")
         if self.pool_size < 1 or self.pool_size > 65535:
             raise ValueError("pool_size must be in [1, 65535]")
         if self.mode == "reference" and self.min_bases > self.pool_size:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedtune import randomness, wire
-from fedtune.methods import projection
+from fedtune.methods import projection, robust
 from fedtune.methods.base import (
     FitContext,
     Upload,
@@ -36,6 +36,23 @@ class FerretServer:
     ``server_rebuild``, its own copy of the global weights, rebuilt by the clients' code."""
 
     method_id = METHOD_ID
+    aggregator = robust.MEAN
+    """``federation.aggregator`` (set by ``experiment.build_server``); reference mode only, see
+    :meth:`robust_refusal`."""
+
+    @classmethod
+    def robust_refusal(cls, cfg: Config) -> str | None:
+        """Reference mode: the coordinates of every client sit on the one shared pool of
+        (seed, block) bases, so the median or trimmed mean is taken per (seed, block) entry.
+        Paper mode is refused: every client projects on bases of its own, so no two clients'
+        coordinates measure the same direction; a robust rule would have to act on the
+        clients' reconstructed d-dimensional updates, and its result is no longer a sum of
+        seeded bases, so it could only be sent as a full weight delta: Ferret's point lost."""
+        if cfg.mode == "paper":
+            return ("Ferret paper mode gives every client its own bases, so their coordinates "
+                    "cannot be combined coordinate-wise; use method.mode=reference or "
+                    "federation.aggregator=mean")
+        return None
 
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
                  weighting: str):
@@ -62,7 +79,13 @@ class FerretServer:
         if round != self.round:
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
         decoded = decode_uploads(uploads, lambda p: self.decode(p, round))
-        rec, state = self.mode.record(client_weights(uploads, self.weighting), decoded)
+        if self.aggregator.robust:
+            refused = self.robust_refusal(self.cfg)
+            if refused:
+                raise ValueError(f"federation.aggregator={self.aggregator.name}: {refused}")
+            rec, state = self.mode.robust_record(decoded, self.aggregator)
+        else:
+            rec, state = self.mode.record(client_weights(uploads, self.weighting), decoded)
         t0 = time.perf_counter()
         if self.weights is not None:
             plan = self.mode.terms(rec)  # validated before anything changes

@@ -5,7 +5,8 @@ shared.
 
 * :class:`PaperMode`: a fresh seed per client per round; block ``l`` of client ``i`` uses the
   stream ``derive_seed(seed_i, l)``, ``K_l`` of the ``k`` bases allocated in proportion to
-  ``||Delta_l||`` (at least ``min_bases``), coordinates scaled by ``1 / (rho_l K_l)`` (unbiased).
+  ``||Delta_l||`` (or ``sqrt(d_l) ||Delta_l||``: ``Config.allocation``; at least
+  ``min_bases``), coordinates scaled by ``1 / (rho_l K_l)`` (unbiased).
   Record: ``u8 0, f64 eta_s, u16 m`` and per client ``f64 weight, u32 length, upload body``;
   every party rebuilds every client's update, so cost is clients x sum_l K_l d_l.
 * :class:`ReferenceMode`: the authors' code. One pool of ``pool_size`` seeds shared by every
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from fedtune import randomness, wire
-from fedtune.methods import projection
+from fedtune.methods import projection, robust
 from fedtune.methods.ferret.config import MAX_SERVER_LR, Config, Layout
 from fedtune.methods.ferret.messages import MODE_CODES, ClientUpdate, decode_upload_body
 
@@ -125,6 +126,8 @@ class PaperMode(Mode):
                 f"bases; set method.k >= {len(layout) * cfg.min_bases}")
 
     def allocate(self, norms: Sequence[float]) -> list[int]:
+        if self.cfg.allocation == "sqrt_size":
+            norms = [math.sqrt(d) * n for d, n in zip(self.layout.sizes, norms)]
         return projection.allocate(norms, self.cfg.k, self.cfg.min_bases)
 
     def bases(self, seed: int, block: int, n: int) -> tuple[list[tuple[int, int]], float]:
@@ -204,13 +207,32 @@ class ReferenceMode(Mode):
                 for j, c in zip(self.indices(upd.seed, block, n), upd.coords[pos: pos + n]):
                     table[j * nblocks + block] += w * c
                 pos += n
+        return self._encode(table), table
+
+    def client_vector(self, upd: ClientUpdate) -> np.ndarray:
+        """One client's coordinates at their (seed, block) places of the table, zero elsewhere."""
+        nblocks, vec, pos = len(self.layout), np.zeros(self.table.shape), 0
+        for block, n in enumerate(upd.counts):
+            vec[np.asarray(self.indices(upd.seed, block, n), dtype=np.int64) * nblocks + block] = (
+                upd.coords[pos: pos + n])
+            pos += n
+        return vec
+
+    def robust_record(self, decoded: Sequence[ClientUpdate], rule: robust.Rule
+                      ) -> tuple[bytes, Any]:
+        """:meth:`record` with the coordinate-wise ``rule`` over the clients' table vectors in
+        place of their weighted sum (``federation.aggregator``)."""
+        table = self.table * self.cfg.server_momentum + robust.combine(
+            np.stack([self.client_vector(upd) for upd in decoded]), rule)
+        return self._encode(table), table
+
+    def _encode(self, table: np.ndarray) -> bytes:
         flat = np.nonzero(table)[0]  # (j, l) order: each block's terms in pool order
         vals = table[flat].astype("<f4")
         if not np.isfinite(vals).all():
             raise wire.MessageError("aggregated coordinates overflow float32")
-        rec = (struct.pack("<BddI", self.code, self.cfg.server_lr, self.cfg.clip_norm, len(flat))
-               + flat.astype("<u4").tobytes() + vals.tobytes())
-        return rec, table
+        return (struct.pack("<BddI", self.code, self.cfg.server_lr, self.cfg.clip_norm, len(flat))
+                + flat.astype("<u4").tobytes() + vals.tobytes())
 
     def commit(self, state: Any) -> None:
         self.table = state
