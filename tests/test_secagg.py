@@ -74,7 +74,6 @@ def _w0(cfg, method: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("extra, message", [
     ({"method.name": "ferret", "method.mode": "paper"}, "its own random bases"),
-    ({"method.name": "ferret", "method.mode": "reference"}, "not wired"),
     ({"method.name": "fedkseed_pro"}, "importance histories"),
     ({"federation.aggregator": "median"}, "needs each client's upload"),
     ({"federation.secagg_quantization_range": 2**31}, "below 2\\*\\*32"),
@@ -186,3 +185,72 @@ def test_client_dropping_after_the_keys_are_shared(jsonl_data, tmp_path, federat
     got, ref = _aggregate(run_dir, "fedavg"), _aggregate(tmp_path / "ref", "fedavg")
     tol = _bound("fedavg", 2, survivors) + 1e-6
     assert (got - ref).abs().max().item() <= tol
+
+
+# --- each method's summed space, without Flower --------------------------------------------------
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fedavg", {}), ("fedzo", {}), ("fedit", {}), ("federa", {}),
+    ("fedkseed", {"method.k": 16}),
+    ("ferret", {"method.mode": "reference", "method.pool_size": 8, "method.server_rebuild": True}),
+])
+def test_mean_of_the_vectors_advances_the_server_as_its_aggregate(jsonl_data, tmp_path, method,
+                                                                  extra):
+    """For every summable method, ``apply_mean`` on the exact weighted mean of the clients'
+    vectors gives the server the state its own ``aggregate`` gives it from the uploads (so the
+    secure path differs from the plain one only by SecAgg+'s fixed-point rounding)."""
+    import copy
+
+    import numpy as np
+
+    from fedtune import experiment as ex
+    from fedtune.engines.rounds import fit_client
+    from fedtune.methods import secure
+    from fedtune.methods.base import Upload, client_weights
+
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{
+        "method.name": method, "partition.num_clients": 3, "federation.clients_per_round": 1.0,
+        "federation.secure_aggregation": True, **extra}))
+    exp = ex.setup(cfg)
+    server = ex.build_server(exp, ex.build_model(exp))
+    for r in range(2):  # the second round starts from a global model that is not w0
+        down = server.download(r, since=None)
+        uploads, vectors = [], []
+        for cid in range(3):
+            half = ex.build_client(exp, ex.build_model(exp))
+            res = fit_client(exp, half, r, cid, down)
+            uploads.append(Upload(cid, res.num_examples, res.payload))
+            vectors.append(secure.client_vector(half, down, res.payload, r))
+        assert all(v.values.shape == (secure.size(server),) for v in vectors)
+        weights = client_weights(uploads, cfg.federation.weighting)
+        mean = sum(w * v.values for w, v in zip(weights, vectors))
+        plain = copy.deepcopy(server)
+        plain.aggregate(r, uploads)
+        secure.apply_mean(server, r, mean, [v.digest for v in vectors])
+        a, b = plain.state_dict(), server.state_dict()
+        assert a.keys() == b.keys() and a["round"] == b["round"] == r + 1
+        for key in a:
+            _close(a[key], b[key], f"{method} round {r + 1} {key}")
+        if method == "fedkseed":  # the touched seeds, for sparse downloads
+            assert [set(c.tolist()) for c in a["changed"]] == [
+                set(c.tolist()) for c in b["changed"]]
+    assert np.abs(mean).max() > 0
+
+
+def _close(a, b, what: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _close(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), what
+        for x, y in zip(a, b):
+            _close(x, y, what)
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape, what
+        assert torch.allclose(a.double(), b.double(), atol=1e-6, rtol=1e-5), what
+    elif isinstance(a, bytes) and what.split()[0] == "ferret":
+        assert len(a) == len(b), what  # a log record: its float32 coordinates may differ
+    else:
+        assert a == b, what

@@ -129,9 +129,9 @@ class FederationConfig:
     secure_aggregation: bool = False
     """Flower only: the server learns only the weighted sum of the round's uploads, through
     Flower's SecAgg+ (each client masks a fixed-point encoding of its upload in the space the
-    method sums; see ``engines/flower/secagg.py``). For fedavg, fedit, federa, fedzo and fedkseed
-    with ``aggregator: mean``; the in-process engine refuses it. ``round_timeout`` then bounds
-    each of SecAgg+'s four exchanges."""
+    method sums; see ``engines/flower/secagg.py``). For fedavg, fedit, federa, fedzo, fedkseed
+    and ferret in reference mode, with ``aggregator: mean``; the in-process engine refuses
+    it. ``round_timeout`` then bounds each of SecAgg+'s four exchanges."""
     secagg_num_shares: float = 1.0
     """SecAgg+: shares of each client's secret keys: at most 1, a fraction of the round's
     clients; above 2, a count (rounded up to an odd number)."""

@@ -5,6 +5,9 @@ Under secure aggregation the server never sees an upload, only the sum of masked
 vectors (``engines/flower/secagg.py``). A method can take part when its aggregate is a weighted
 mean of per-client vectors of one shared, fixed layout:
 
+- Ferret, reference mode: the client's coordinates placed at their (seed, block) entries of
+  the shared pool's table (``ReferenceMode.client_vector``, pool size x blocks); the server
+  adds the mean to its decayed table and logs the record, as ``ReferenceMode.record`` does.
 - FedKSeed: the K per-seed scalar sums of the client's steps (zero where it drew no step on a
   seed); the server adds their mean to its accumulated scalars, as its own ``aggregate`` does.
   The seeds touched (for sparse downloads) are the non-zero coordinates of that mean.
@@ -16,9 +19,9 @@ mean of per-client vectors of one shared, fixed layout:
   checks that all agree, as its own ``aggregate`` does.
 
 Not summable here: Ferret's paper mode (each client's coordinates are on its own random bases;
-only reconstructed updates could be summed, which would be a full model per client); Ferret's
-reference mode and FedKSeed-Pro are summable in principle (a (seed, block) table; per-seed
-importance histories) but are not wired yet and are refused.
+only reconstructed updates could be summed, which would be a full model per client).
+FedKSeed-Pro is summable in principle (its per-seed importance histories are sums of clipped
+magnitudes and counts) but is not wired yet and is refused.
 
 The mean is over the clients whose vectors made it into the sum: each client folds in its own
 weight ``w_i`` (sent by the server: ``n_i / sum n`` or ``1/m`` over the round's clients) before
@@ -37,16 +40,14 @@ from fedtune import wire
 from fedtune.methods import fedkseed
 from fedtune.methods.fedavg import WIRE_DTYPES, WeightsClient, WeightsServer
 
-SUMMABLE = ("fedavg", "fedit", "federa", "fedzo", "fedkseed")
+SUMMABLE = ("fedavg", "fedit", "federa", "fedzo", "fedkseed", "ferret")
 
 
 def refusal(method_name: str, method_cfg) -> str | None:
     """Why ``method_name`` cannot use secure aggregation (None: it can)."""
-    if method_name == "ferret":
-        if getattr(method_cfg, "mode", None) == "paper":
-            return ("in paper mode every client's coordinates are on its own random bases, so "
-                    "the clients' uploads do not share a space in which they could be summed")
-        return "reference mode's (seed, block) table is not wired to secure aggregation yet"
+    if method_name == "ferret" and getattr(method_cfg, "mode", None) == "paper":
+        return ("in paper mode every client's coordinates are on its own random bases, so "
+                "the clients' uploads do not share a space in which they could be summed")
     if method_name == "fedkseed_pro":
         return ("its seed-importance histories need per-step magnitudes; not wired to secure "
                 "aggregation yet (use fedkseed)")
@@ -71,6 +72,8 @@ def size(server) -> int:
         return server.k
     if isinstance(server, WeightsServer):
         return sum(t.numel() for t in server.weights.values())
+    if _is_ferret(server):
+        return server.mode.table.size
     raise TypeError(f"{type(server).__name__} has no summed space")
 
 
@@ -85,6 +88,12 @@ def client_vector(client, download: bytes, payload: bytes, round_: int) -> Vecto
         return Vector(sums)
     if isinstance(client, WeightsClient):
         return _weights_vector(client, download, payload, round_)
+    if _is_ferret(client):
+        from fedtune.methods.ferret.messages import decode_upload_body
+
+        _, body = wire.unframe(payload, method_id=client.method_id, kind=wire.UP, round_=round_)
+        return Vector(client.mode.client_vector(decode_upload_body(client.cfg, client.layout,
+                                                                   body)))
     raise TypeError(f"{type(client).__name__} has no summed space")
 
 
@@ -108,6 +117,12 @@ def _weights_vector(client: WeightsClient, download: bytes, payload: bytes,
     return Vector(torch.cat(parts).numpy(), digest.hex())
 
 
+def _is_ferret(half) -> bool:
+    from fedtune.methods.ferret.modes import ReferenceMode
+
+    return isinstance(getattr(half, "mode", None), ReferenceMode)
+
+
 def _uploads_deltas(client) -> bool:
     from fedtune.methods.fedzo import FedZOClient
 
@@ -129,6 +144,8 @@ def apply_mean(server, round_: int, mean: np.ndarray, digests: list[str]) -> dic
         server.changed.append(np.flatnonzero(mean))
         server.round += 1
         return {"seeds_touched": float(len(server.changed[-1]))}
+    if _is_ferret(server):
+        return _apply_ferret(server, mean)
     _check_digests(server, digests)
     new, offset = {}, 0
     for n, t in server.weights.items():
@@ -140,6 +157,23 @@ def apply_mean(server, round_: int, mean: np.ndarray, digests: list[str]) -> dic
     server.weights = new
     server.round += 1
     return {}
+
+
+def _apply_ferret(server, mean: np.ndarray) -> dict[str, float]:
+    """``FerretServer.aggregate`` after ``ReferenceMode.record``, with the mean as the sum."""
+    import time
+
+    mode = server.mode
+    table = mode.table * server.cfg.server_momentum + mean
+    rec = mode._encode(table)
+    t0 = time.perf_counter()
+    if server.weights is not None:
+        mode.write(list(server.weights.values()), mode.terms(rec))
+    server.log.append(rec)
+    mode.commit(table)
+    server.round += 1
+    return {"server_reconstruct_s": time.perf_counter() - t0,
+            "table_entries": float(np.count_nonzero(table))}
 
 
 def _check_digests(server, digests: list[str]) -> None:

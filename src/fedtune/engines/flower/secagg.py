@@ -152,7 +152,13 @@ def secure_round(grid, exchange, size, f: FederationConfig, round_: int,
         return out
     n = len(recorder.results)
     (mean,) = parameters_to_ndarrays(recorder.results[0][1].parameters)
-    out.total = np.asarray(mean, dtype=np.float64) * n
+    total = np.asarray(mean, dtype=np.float64) * n
+    # A coordinate that is zero for every client sums to an exact grid point; dequantizing
+    # leaves float rounding (~n c 1e-16) there, far below one grid step (2c/Q): make it zero
+    # again, so the methods' sparse records (Ferret's table, FedKSeed's touched seeds) stay
+    # sparse.
+    total[np.abs(total) < 1e-12 * n * f.secagg_clipping_range] = 0.0
+    out.total = total
     out.metrics = {proxy.node_id: dict(res.metrics) for proxy, res in recorder.results}
     return out
 
