@@ -152,9 +152,9 @@ def secure_train(msg: Message, context: Context) -> Message:
     diverges raises: the workflow drops it and unmasks without it."""
     from fedtune.methods import secure
 
-    conf = secagg.fit_config(msg)
+    down, conf = secagg.fit_input(msg)
     half = client_half(context)
-    cid, r, down = int(conf["client"]), int(conf["round"]), bytes(conf["download"])
+    cid, r = int(conf["client"]), int(conf["round"])
     if cid != half.cid:
         raise ValueError(f"message for client {cid} reached the SuperNode of client {half.cid}")
     log(INFO, "fedtune: SecAgg+ round %d: client %d trains (keys shared)", r + 1, cid)

@@ -10,9 +10,10 @@ and hands ``strategy.aggregate_fit`` the results with their arrays replaced by t
 sum divided by the summed weights. Here the "strategy" only records that outcome: fedtune's
 round loop then applies it with ``methods.secure.apply_mean``.
 
-Message flow. The train message of stage 2 carries the FitIns: no arrays, and in its config
-the method's full-state download (``since=None``, so no client ever needs a resync), the client
-id, the round, the client's aggregation weight and the clipping range. The ClientApp trains as
+Message flow. The train message of stage 2 carries the FitIns: as its one parameter array the
+method's full-state download (``since=None``, so no client ever needs a resync; an Array, so
+Flower chunks a large one on the wire), and in its config the client id, the round, the
+client's aggregation weight and the clipping range. The ClientApp trains as
 always (``rounds.fit_client``), turns its upload into the method's dense vector, multiplies it by
 its weight and answers a FitRes with that one float64 array and ``num_examples = 1``; the
 workflow runs with ``max_weight = 1``, so every client's quantized weight is exactly 1 and the
@@ -58,6 +59,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedtune.config import SECAGG_MODULUS, FederationConfig
 
 STAGES = ("setup", "share keys", "masked vectors", "unmask")
+DOWNLOAD = "fedtune.wire"
+"""``tensor_type`` of the FitIns parameter that carries the download."""
 
 
 def workflow(f: FederationConfig) -> SecAggPlusWorkflow:
@@ -136,10 +139,11 @@ class _Grid:
 
 
 def secure_round(grid, exchange, size, f: FederationConfig, round_: int,
-                 configs: dict[int, dict]) -> Outcome:
-    """Run SecAgg+ for one round over the nodes in ``configs`` (node -> its FitIns config)."""
+                 download: bytes, configs: dict[int, dict]) -> Outcome:
+    """Run SecAgg+ for one round over the nodes in ``configs`` (node -> its FitIns config),
+    each sent ``download``."""
     out = Outcome()
-    fitins = {n: FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), c)
+    fitins = {n: FitIns(Parameters(tensors=[download], tensor_type=DOWNLOAD), c)
               for n, c in configs.items()}
     recorder = _Recorder(fitins)
     state = RecordDict()
@@ -180,9 +184,13 @@ def secagg_mod(msg: Message, ctxt: Context, call_next):
     return call_next(msg, ctxt)
 
 
-def fit_config(msg: Message) -> dict:
-    """The FitIns config of a stage-2 message (download, client, round, weight, clip)."""
-    return dict(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
+def fit_input(msg: Message) -> tuple[bytes, dict]:
+    """The download and the FitIns config (client, round, weight, clip) of a stage-2
+    message."""
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if ins.parameters.tensor_type != DOWNLOAD or len(ins.parameters.tensors) != 1:
+        raise ValueError("SecAgg+ train message without a fedtune download")
+    return bytes(ins.parameters.tensors[0]), dict(ins.config)
 
 
 def fit_reply(msg: Message, vector: np.ndarray, metrics: dict) -> Message:

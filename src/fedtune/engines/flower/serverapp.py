@@ -239,13 +239,14 @@ class FlowerTransport:
         weight = {cid: (n_ex[cid] / total_ex if f.weighting == "examples" and total_ex > 0
                         else 1.0 / len(reachable)) for cid in reachable}
         down = self.server.download(round_, since=None) if reachable else b""
-        configs = {self.node_of[cid]: {"download": down, "client": cid, "round": round_,
+        configs = {self.node_of[cid]: {"client": cid, "round": round_,
                                        "weight": weight[cid],
                                        "clip": float(f.secagg_clipping_range)}
                    for cid in reachable}
         cid_of = {self.node_of[cid]: cid for cid in reachable}
         outcome = (secagg.secure_round(self.grid, exchange, flower_message_bytes, f, round_,
-                                       configs) if len(reachable) >= 2 else secagg.Outcome())
+                                       down, configs)
+                   if len(reachable) >= 2 else secagg.Outcome())
         if len(reachable) < 2:
             for cid in reachable:
                 info["failed"][cid] = "SecAgg+ needs at least 2 clients in a round"
