@@ -254,3 +254,26 @@ def _close(a, b, what: str) -> None:
         assert len(a) == len(b), what  # a log record: its float32 coordinates may differ
     else:
         assert a == b, what
+
+
+def test_clients_on_different_frozen_bases_are_refused(jsonl_data, tmp_path):
+    """FeDeRA/FedIT: the digests the clients report in the clear must agree with each other
+    and with the server's; otherwise the secure mean is refused and nothing changes."""
+    import numpy as np
+
+    from fedtune import experiment as ex
+    from fedtune.methods import secure
+    from fedtune.wire import MessageError
+
+    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{"method.name": "federa"}))
+    exp = ex.setup(cfg, client_ids=[])
+    server = ex.build_server(exp, ex.build_model(exp))
+    before = {n: t.clone() for n, t in server.weights.items()}
+    mean = np.full(secure.size(server), 1e-3)
+    with pytest.raises(MessageError, match="frozen base weights differ"):
+        secure.apply_mean(server, 0, mean, ["aa" * 32, "bb" * 32])
+    assert server.round == 0 and all(torch.equal(before[n], server.weights[n]) for n in before)
+    secure.apply_mean(server, 0, mean, ["aa" * 32] * 2)
+    assert server.round == 1 and server.base_digest == bytes.fromhex("aa" * 32)
+    with pytest.raises(MessageError, match="frozen base weights differ"):
+        secure.apply_mean(server, 1, mean, ["bb" * 32] * 2)
