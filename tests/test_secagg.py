@@ -156,7 +156,7 @@ def test_client_dropping_after_the_keys_are_shared(jsonl_data, tmp_path, federat
     from .flower_support import PerClientTransport
 
     cfg = _cfg(jsonl_data, tmp_path, "fedavg", True, **{
-        "federation.min_clients": 2, "federation.round_timeout": 40, "train.local_steps": 10})
+        "federation.min_clients": 2, "federation.round_timeout": 60, "train.local_steps": 20})
     run_dir = tmp_path / "dropped"
     run_id = federation.submit(cfg, run_dir)
     victim = federation.nodes[2]
@@ -175,7 +175,7 @@ def test_client_dropping_after_the_keys_are_shared(jsonl_data, tmp_path, federat
         def fit_round(self, round_, downloads):
             return super().fit_round(round_, {c: d for c, d in downloads.items() if c != 2})
 
-    plain = _cfg(jsonl_data, tmp_path, "fedavg", False, **{"train.local_steps": 10})
+    plain = _cfg(jsonl_data, tmp_path, "fedavg", False, **{"train.local_steps": 20})
     exp = ex.setup(plain)
     server = ex.build_server(exp, ex.build_model(exp))
     evaluator = ex.build_client(exp, ex.build_model(exp))
