@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from fedtune.config import ConfigError, load_config
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 pytest.importorskip("flwr")
 
@@ -41,7 +41,7 @@ def _cfg(data: Path, runs: Path, method: str, secure: bool, **extra):
     if method == "fedkseed":
         base["method.k"] = 64
     base.update(extra)
-    return load_config(None, tiny_overrides(data, runs, **base))
+    return load_config(BASE, tiny_overrides(data, runs, **base))
 
 
 def _bound(method: str, n: int, weight_sum: float = 1.0) -> float:
@@ -85,21 +85,21 @@ def test_refused_combinations(jsonl_data, tmp_path, extra, message):
     items = tiny_overrides(jsonl_data, tmp_path, **{"federation.secure_aggregation": True,
                                                    **extra})
     with pytest.raises(ConfigError, match=message):
-        load_config(None, items)
+        load_config(BASE, items)
 
 
 def test_plain_runs_are_unaffected_by_the_secagg_fields(jsonl_data, tmp_path):
     """Without secure_aggregation the method and aggregator are not restricted."""
     for extra in ({"method.name": "ferret", "method.mode": "paper"},
                   {"method.name": "fedkseed_pro"}, {"federation.aggregator": "median"}):
-        cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **extra))
+        cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **extra))
         assert not cfg.federation.secure_aggregation
 
 
 def test_in_process_engine_refuses_secure_aggregation(jsonl_data, tmp_path):
     from fedtune.engines.inprocess import run
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path,
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path,
                                            **{"federation.secure_aggregation": True}))
     with pytest.raises(ConfigError, match="in-process engine"):
         run(cfg, tmp_path / "never", progress=False)
@@ -209,7 +209,7 @@ def test_mean_of_the_vectors_advances_the_server_as_its_aggregate(jsonl_data, tm
     from fedtune.methods import secure
     from fedtune.methods.base import Upload, client_weights
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **{
         "method.name": method, "partition.num_clients": 3, "federation.clients_per_round": 1.0,
         "federation.secure_aggregation": True, **extra}))
     exp = ex.setup(cfg)
@@ -265,7 +265,7 @@ def test_clients_on_different_frozen_bases_are_refused(jsonl_data, tmp_path):
     from fedtune.methods import secure
     from fedtune.wire import MessageError
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{"method.name": "federa"}))
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **{"method.name": "federa"}))
     exp = ex.setup(cfg, client_ids=[])
     server = ex.build_server(exp, ex.build_model(exp))
     before = {n: t.clone() for n, t in server.weights.items()}
