@@ -126,6 +126,25 @@ class FederationConfig:
     """trimmed_mean: the fraction of the round's clients cut from each end of every coordinate
     before averaging, ``floor(trim x clients)`` of them, in [0, 0.5) (so at least one client is
     always left); to withstand h hostile clients of m it must cut at least h."""
+    secure_aggregation: bool = False
+    """Flower only: the server learns only the weighted sum of the round's uploads, through
+    Flower's SecAgg+ (each client masks a fixed-point encoding of its upload in the space the
+    method sums; see ``engines/flower/secagg.py``). For fedavg, fedit, federa, fedzo, fedkseed
+    and ferret in reference mode, with ``aggregator: mean``; the in-process engine refuses
+    it. ``round_timeout`` then bounds each of SecAgg+'s four exchanges."""
+    secagg_num_shares: float = 1.0
+    """SecAgg+: shares of each client's secret keys: at most 1, a fraction of the round's
+    clients; above 2, a count (rounded up to an odd number)."""
+    secagg_reconstruction_threshold: float = 0.67
+    """SecAgg+: shares needed to rebuild a key: at most 1, a fraction of the shares; from 2, a
+    count. A round survives dropouts while every client keeps this many live neighbours."""
+    secagg_clipping_range: float = 8.0
+    """SecAgg+: each client's weighted upload (its weight times its update, per coordinate) is
+    clipped to +-this before quantization (clipped coordinates are counted in flower.json)."""
+    secagg_quantization_range: int = 4194304
+    """SecAgg+: levels of the fixed-point grid over [-clip, clip] (default 2**22); a
+    coordinate of the sum is exact to within clients x 2 clip / this. Clients x this must stay
+    below 2**32 (the masking modulus)."""
 
 
 @dataclass
@@ -488,6 +507,42 @@ def validate(cfg: ExperimentConfig) -> None:
         refused = robust.refusal(METHODS[cfg.method.name].make_server, method_cfg)
         _require(refused is None, f"federation.aggregator: {f.aggregator} is not available for "
                  f"method.name={cfg.method.name}: {refused}")
+    _validate_secagg(cfg)
+
+
+SECAGG_MODULUS = 2**32
+"""SecAgg+'s masking modulus (Flower's default and largest)."""
+
+
+def _validate_secagg(cfg: ExperimentConfig) -> None:
+    f = cfg.federation
+    _require(f.secagg_num_shares > 0 and (f.secagg_num_shares <= 1 or (
+        f.secagg_num_shares > 2 and f.secagg_num_shares == int(f.secagg_num_shares))),
+        f"federation.secagg_num_shares: {f.secagg_num_shares} must be a fraction in (0, 1] "
+        "or a whole number above 2")
+    thr = f.secagg_reconstruction_threshold
+    _require(thr > 0 and (thr <= 1 or thr == int(thr)),
+             f"federation.secagg_reconstruction_threshold: {thr} must be a fraction in (0, 1] "
+             "or a whole number")
+    _require(thr <= 1 or f.secagg_num_shares <= 1 or thr < f.secagg_num_shares,
+             "federation.secagg_reconstruction_threshold must be below secagg_num_shares")
+    _require(math.isfinite(f.secagg_clipping_range) and f.secagg_clipping_range > 0,
+             "federation.secagg_clipping_range must be a positive number")
+    q = f.secagg_quantization_range
+    _require(q >= 2, "federation.secagg_quantization_range must be at least 2")
+    _require(cfg.partition.num_clients * q < SECAGG_MODULUS,
+             f"federation.secagg_quantization_range: {cfg.partition.num_clients} clients x {q} "
+             f"must stay below 2**32 (SecAgg+'s modulus), or the masked sum wraps around")
+    if not f.secure_aggregation:
+        return
+    _require(f.aggregator == "mean", f"federation.secure_aggregation: the server sees only the "
+             f"sum of the uploads, so federation.aggregator={f.aggregator} (which needs each "
+             "client's upload) cannot be used; set aggregator: mean")
+    from fedtune.methods.secure import refusal
+
+    why = refusal(cfg.method.name, cfg.method_config())
+    _require(why is None, f"federation.secure_aggregation is not available for "
+             f"method.name={cfg.method.name}: {why}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

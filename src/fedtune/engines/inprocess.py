@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import experiment as ex
-from fedtune.config import ExperimentConfig
+from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.engines.rounds import ClientResult, Progress, federate, fit_client
 
 
@@ -44,6 +44,10 @@ def run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, resume: boo
         overwrite: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Run the experiment in this process; returns the metrics rows (round 0 is the evaluation
     before training). With ``resume`` the run continues from ``run_dir``'s checkpoint."""
+    if cfg.federation.secure_aggregation:
+        raise ConfigError("federation.secure_aggregation: the in-process engine simulates every "
+                          "client in one process, so there is no one to hide an upload from; "
+                          "run it on Flower (fedtune flower ...) or set it to false")
     out = Progress(progress)
     exp = ex.setup(cfg)
     model = ex.build_model(exp)

@@ -70,6 +70,21 @@ class ClientResult:
     error: str | None = None
     """Why the client's local work failed (e.g. a non-finite loss); it is then not aggregated
     and is listed under ``rejected``."""
+    upload_bytes: int | None = None
+    """Bytes the client sent when that is not ``len(payload)`` (secure aggregation: its
+    masked vector and key material, as Flower serialises them)."""
+
+
+@dataclass
+class SecureSum:
+    """What a transport with secure aggregation learns in a round instead of the uploads."""
+
+    mean: Any
+    """The weighted mean of the clients' vectors (``methods.secure``), a float64 array."""
+    clients: list[int]
+    """The clients whose vectors are in it."""
+    digests: list[str] = field(default_factory=list)
+    """What they report in the clear about their frozen base (FedIT/FeDeRA)."""
 
 
 class Transport(Protocol):
@@ -78,6 +93,10 @@ class Transport(Protocol):
     def fit_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
         """Deliver ``downloads`` (client id -> message), return the results of the clients
         that answered (a transport over a network may return fewer)."""
+
+    # Optional: ``secure_sum(round_) -> SecureSum | None``. A transport with secure
+    # aggregation returns results without payloads and the round's sum here; the loop then
+    # applies the sum (``methods.secure.apply_mean``) instead of ``server.aggregate``.
 
 
 def fit_client(exp: ex.Experiment, half, round_: int, client_id: int, download: bytes,
@@ -197,11 +216,16 @@ def _round(loop: _Loop, r: int) -> None:
         for k, v in res.timings.items():
             times[k] = times.get(k, 0.0) + v
     t0 = time.perf_counter()
-    uploads = [Upload(res.client_id, res.num_examples, res.payload)
-               for res in answered if res.error is None]
-    method_metrics, uploads = _aggregate(server, r, uploads, rejected, len(sampled),
-                                         cfg.federation.min_clients)
-    kept = {u.client_id for u in uploads}
+    summed = loop.transport.secure_sum(r) if hasattr(loop.transport, "secure_sum") else None
+    if summed is not None:
+        method_metrics, kept = _aggregate_secure(server, r, summed, len(sampled),
+                                                 cfg.federation.min_clients)
+    else:
+        uploads = [Upload(res.client_id, res.num_examples, res.payload)
+                   for res in answered if res.error is None]
+        method_metrics, uploads = _aggregate(server, r, uploads, rejected, len(sampled),
+                                             cfg.federation.min_clients)
+        kept = {u.client_id for u in uploads}
     results = [res for res in answered if res.error is None and res.client_id in kept]
     times["aggregate"] = time.perf_counter() - t0
 
@@ -237,7 +261,8 @@ def _round(loop: _Loop, r: int) -> None:
 
 
 def _traffic(results: list[ClientResult]) -> dict[str, float]:
-    up = [len(res.payload) for res in results]
+    up = [len(res.payload) if res.upload_bytes is None else res.upload_bytes
+          for res in results]
     down = [res.download_bytes for res in results]
     weights = [res.num_examples for res in results]
     return {"train_loss": sum(w * res.train_loss for w, res in zip(weights, results))
@@ -327,6 +352,20 @@ def _aggregate(server, round_: int, uploads: list[Upload], rejected: list[dict[s
                 raise
             rejected.append({"client": e.client_id, "reason": str(e)})
             uploads = [u for u in uploads if u.client_id != e.client_id]
+
+
+def _aggregate_secure(server, round_: int, summed: SecureSum, sampled: int,
+                      min_clients: int) -> tuple[dict[str, float], set[int]]:
+    """``methods.secure.apply_mean`` on a secure round's sum: nothing can be rejected (no
+    upload is visible), so a bad sum stops the run, as too few clients do."""
+    from fedtune.methods import secure
+
+    if len(summed.clients) < min_clients:
+        raise RuntimeError(
+            f"round {round_ + 1}: only {len(summed.clients)} of {sampled} clients are in the "
+            f"secure sum (federation.min_clients = {min_clients}); the checkpoint of round "
+            f"{round_} is kept, resume when clients are back")
+    return secure.apply_mean(server, round_, summed.mean, summed.digests), set(summed.clients)
 
 
 def _describe(row: dict[str, Any]) -> str:

@@ -27,12 +27,15 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from logging import INFO
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from fedtune import experiment as ex
 from fedtune import wire
+from fedtune.engines.flower import secagg
 from fedtune.engines.flower.common import (
     NODE_DATA_PATH,
     NODE_PARTITION,
@@ -114,8 +117,10 @@ def query(msg: Message, context: Context) -> Message:
                         setup_s=time.perf_counter() - t0, pid=os.getpid()), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg.secagg_mod])
 def train(msg: Message, context: Context) -> Message:
+    if secagg.is_secure(msg):
+        return secure_train(msg, context)
     down, meta = unpack(msg.content)
     if down is None:
         raise ValueError("train message without a download")
@@ -139,3 +144,30 @@ def train(msg: Message, context: Context) -> Message:
                         loss=float(res.train_loss), received=len(down),
                         **{f"time_{k}": float(v) for k, v in res.timings.items()}),
                    reply_to=msg)
+
+
+def secure_train(msg: Message, context: Context) -> Message:
+    """Stage 2 of a SecAgg+ round (see ``secagg.py``): train on the full-state download, answer
+    the weighted dense vector of the upload for the mod to mask. A client whose training
+    diverges raises: the workflow drops it and unmasks without it."""
+    from fedtune.methods import secure
+
+    down, conf = secagg.fit_input(msg)
+    half = client_half(context)
+    cid, r = int(conf["client"]), int(conf["round"])
+    if cid != half.cid:
+        raise ValueError(f"message for client {cid} reached the SuperNode of client {half.cid}")
+    log(INFO, "fedtune: SecAgg+ round %d: client %d trains (keys shared)", r + 1, cid)
+    res = fit_client(half.exp, half.client, r, cid, down)
+    half.fresh = False
+    if res.error is not None:
+        raise RuntimeError(f"client {cid}: {res.error}")
+    with_t = time.perf_counter()
+    vec = secure.client_vector(half.client, down, res.payload, r)
+    weighted = vec.values * float(conf["weight"])
+    clipped = int((abs(weighted) > float(conf["clip"])).sum())
+    timings = {**res.timings, "secure_encode": time.perf_counter() - with_t}
+    return secagg.fit_reply(msg, weighted, {
+        "client": cid, "round": r, "examples": res.num_examples, "loss": float(res.train_loss),
+        "received": len(down), "upload": len(res.payload), "digest": vec.digest,
+        "clipped": clipped, **{f"time_{k}": float(v) for k, v in timings.items()}})

@@ -35,7 +35,13 @@ from fedtune.engines.flower.common import (
     config_from_run,
 )
 from fedtune.engines.flower.records import pack, unpack
-from fedtune.engines.rounds import ClientResult, Progress, default_run_dir, federate
+from fedtune.engines.rounds import (
+    ClientResult,
+    Progress,
+    SecureSum,
+    default_run_dir,
+    federate,
+)
 
 
 def flower_message_bytes(msg: Message) -> int:
@@ -86,6 +92,8 @@ class FlowerTransport:
         self.asked: set[int] = set()  # node ids already asked for their partition
         self.live: set[int] = set()  # node ids the SuperLink lists as connected
         self.silent: set[int] = set()  # nodes that did not answer in the last round
+        self.examples: dict[int, int] = {}  # client -> its example count (handshake)
+        self.sums: dict[int, SecureSum] = {}  # round -> its secure sum (secure aggregation)
         self.stats = Stats()
         self.discover(wait=node_wait)
 
@@ -117,6 +125,7 @@ class FlowerTransport:
                     self.out.line(f"flower: client {cid} moved from node {self.node_of[cid]} "
                                   f"(gone) to node {node}")
                 self.node_of[cid] = node
+                self.examples[cid] = int(meta.get("examples", 0))
 
     def discover(self, wait: float = 0.0) -> None:
         """Ask nodes not asked yet for their partition; with ``wait``, keep asking until every
@@ -157,6 +166,8 @@ class FlowerTransport:
 
     def fit_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
         self.discover()
+        if self.cfg.federation.secure_aggregation:
+            return self._secure_round(round_, downloads)
         t0 = time.perf_counter()
         info = {"round": round_ + 1, "flower_down_bytes": 0, "flower_up_bytes": 0,
                 "resync": [], "failed": {}}
@@ -208,6 +219,75 @@ class FlowerTransport:
         info["failed"] = {str(k): v for k, v in info["failed"].items()}
         self.stats.rounds.append(info)
         return results
+
+    # --- a round under secure aggregation ------------------------------------------------------
+
+    def _secure_round(self, round_: int, downloads: dict[int, bytes]) -> list[ClientResult]:
+        """The round through Flower's SecAgg+ (``secagg.py``): every client gets the full-state
+        download and its weight; what comes back is the sum of the weighted vectors."""
+        from fedtune.engines.flower import secagg
+
+        f = self.cfg.federation
+        t0 = time.perf_counter()
+        info = {"round": round_ + 1, "secure_aggregation": True, "flower_down_bytes": 0,
+                "flower_up_bytes": 0, "resync": [], "failed": {}, "clipped": 0}
+        reachable = sorted(cid for cid in downloads if cid in self.node_of)
+        for cid in sorted(set(downloads) - set(reachable)):
+            info["failed"][cid] = "no SuperNode"
+        n_ex = {cid: self.examples.get(cid, 0) for cid in reachable}
+        total_ex = sum(n_ex.values())
+        weight = {cid: (n_ex[cid] / total_ex if f.weighting == "examples" and total_ex > 0
+                        else 1.0 / len(reachable)) for cid in reachable}
+        down = self.server.download(round_, since=None) if reachable else b""
+        configs = {self.node_of[cid]: {"client": cid, "round": round_,
+                                       "weight": weight[cid],
+                                       "clip": float(f.secagg_clipping_range)}
+                   for cid in reachable}
+        cid_of = {self.node_of[cid]: cid for cid in reachable}
+        outcome = (secagg.secure_round(self.grid, exchange, flower_message_bytes, f, round_,
+                                       down, configs)
+                   if len(reachable) >= 2 else secagg.Outcome())
+        if len(reachable) < 2:
+            for cid in reachable:
+                info["failed"][cid] = "SecAgg+ needs at least 2 clients in a round"
+        for node, why in outcome.failed.items():
+            if node in cid_of:
+                info["failed"][cid_of[node]] = why
+        info["flower_down_bytes"] = outcome.down_bytes
+        info["flower_up_bytes"] = sum(outcome.up_bytes.values())
+        results = []
+        if outcome.total is not None:
+            for node, meta in sorted(outcome.metrics.items(), key=lambda x: cid_of[x[0]]):
+                cid = cid_of[node]
+                info["failed"].pop(cid, None)
+                info["clipped"] += int(meta["clipped"])
+                timings = {k[len("time_"):]: float(v) for k, v in meta.items()
+                           if k.startswith("time_")}
+                results.append(ClientResult(cid, int(meta["examples"]), b"", len(down),
+                                            float(meta["loss"]), timings,
+                                            upload_bytes=outcome.up_bytes.get(node, 0)))
+                self.out.line(f"round {round_ + 1}/{f.rounds}  client {cid} (node {node})  "
+                              f"train loss {float(meta['loss']):.4f}  secure upload "
+                              f"{outcome.up_bytes.get(node, 0):,} B  down {len(down):,} B")
+            clients = [res.client_id for res in results]
+            weight_sum = sum(weight[c] for c in clients)
+            self.sums[round_] = SecureSum(outcome.total / weight_sum, clients, [
+                str(outcome.metrics[self.node_of[c]]["digest"]) for c in clients])
+            if info["clipped"]:
+                self.out.line(f"round {round_ + 1}: {info['clipped']} coordinates were clipped "
+                              f"to +-federation.secagg_clipping_range")
+        self.silent = {self.node_of[cid] for cid in reachable
+                       if str(info["failed"].get(cid, "")).startswith("no answer")}
+        for cid, why in info["failed"].items():
+            self.out.line(f"round {round_ + 1}: client {cid} dropped ({why})")
+        info["time_network_round"] = time.perf_counter() - t0
+        info["failed"] = {str(k): v for k, v in info["failed"].items()}
+        self.stats.rounds.append(info)
+        return results
+
+    def secure_sum(self, round_: int) -> SecureSum | None:
+        """The round's secure sum for the round loop (None: not a secure round)."""
+        return self.sums.pop(round_, None)
 
 
 def run_server(grid: Grid, context: Context) -> list[dict]:
