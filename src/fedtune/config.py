@@ -106,7 +106,8 @@ class FederationConfig:
     clients_per_round: float = 0.5
     """Fraction of clients sampled each round (at least one client is always sampled)."""
     weighting: Literal["examples", "equal"] = "examples"
-    """How the server weights clients: by number of training examples, or equally."""
+    """How the server weights clients: by number of training examples, or equally (with
+    ``privacy`` on, neither: the unweighted mean over the clients sampled per round)."""
     min_clients: int = 1
     """A round needs uploads from at least this many clients (clients can drop out on Flower);
     otherwise the run stops with the last round's checkpoint intact."""
