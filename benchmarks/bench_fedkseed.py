@@ -410,6 +410,7 @@ def part_accuracy(args) -> str:
         f"eval.max_examples={args.eval_examples}", "eval.batch_size=8",
         f"eval.generate_examples={args.gen_examples}", f"eval.max_new_tokens={args.new_tokens}",
         "eval.generate_every=0", "output.save_model=false", f"seed={args.seed}",
+        "data.task=instruction", "train.optimizer=sgd",
     ]
     zo = [f"method.eta={args.eta}", f"method.eps={args.eps}", "method.mode=keep"]
     kseed = [*zo, f"method.k={args.k}"]

@@ -49,6 +49,7 @@ COMMON = {
     "model.source": "smollm2",
     "data.source": "natural_instructions",
     "data.path": NI_PATH,
+    "data.task": "instruction",
     "data.max_length": 128,
     "partition.scheme": "task",
     "federation.rounds": 5,
@@ -281,7 +282,10 @@ def allocation(args) -> dict[str, Any]:
         total = sum(n * n for n in norms)
         out = {"client": cid, "embedding_share": norms[0] ** 2 / total}
         for rule, k in points:
-            counts = PaperMode(Config(k=k, allocation=rule), layout, cfg.seed).allocate(norms)
+            # sqrt_size: K_l ~ sqrt(d_l) ||Delta_l||, the least error for the coordinates sent
+            weights = norms if rule == "norm" else [
+                math.sqrt(d) * n for d, n in zip(layout.sizes, norms)]
+            counts = PaperMode(Config(k=k), layout, cfg.seed).allocate(weights)
             err = sum(d * n * n / c for d, n, c in zip(layout.sizes, norms, counts))
             out[f"{rule}@{k}"] = {"relative_error": math.sqrt(err / total),
                                   "numbers": sum(c * d for c, d in zip(counts, layout.sizes)),

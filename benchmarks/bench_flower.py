@@ -56,7 +56,9 @@ def overrides(data: Path, nodes: int, method: str, rounds: int) -> list[str]:
         f"federation.rounds={rounds}", "federation.clients_per_round=1.0",
         "federation.round_timeout=300", "train.local_steps=2", "train.batch_size=4",
         "train.lr=0.05", "eval.max_examples=8", "eval.generate=false", f"method.name={method}",
-        "output.save_model=false", *METHOD_OPTS[method]]
+        "output.save_model=false", "data.task=instruction", "train.optimizer=sgd",
+        "eval.batch_size=16", "eval.generate_examples=64", "eval.max_new_tokens=4",
+        *METHOD_OPTS[method]]
 
 
 class MemorySampler(threading.Thread):

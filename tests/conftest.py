@@ -18,6 +18,10 @@ TEST_DEVICE = os.environ.get("FEDTUNE_TEST_DEVICE", "cpu")
 """model.device of the tiny experiments (``FEDTUNE_TEST_DEVICE=cuda make test`` runs them on a
 GPU); pinned so that the suite does the same on a machine with a GPU as on one without."""
 
+BASE = REPO / "tests" / "base.yaml"
+"""The experiment tests override (``load_config(BASE, overrides)``, ``fedtune run BASE ...``): a
+causal LM instruction run, pinned here rather than taken from the demo default."""
+
 WORDS = ["red", "blue", "green", "small", "large", "quick", "slow", "bright", "dark", "warm"]
 
 

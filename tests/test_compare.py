@@ -18,7 +18,7 @@ from fedtune.engines.inprocess import run
 from fedtune.evaluation import baselines, evaluate, majority_share, prompt_input, rouge_l
 from fedtune.tasks import alpaca_prompt
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def two_runs(shared_jsonl_data, tmp_path_factory) -> list[Path]:
     root, data = tmp_path_factory.mktemp("cmp"), shared_jsonl_data
     dirs = []
     for method, extra in [("fedavg", {}), ("fedit", {"method.rank": 4, "train.lr": 0.5})]:
-        cfg = load_config(None, tiny_overrides(data, root, **{
+        cfg = load_config(BASE, tiny_overrides(data, root, **{
             "method.name": method, "federation.rounds": 3, "eval.generate_every": 1, **extra}))
         run(cfg, root / method, progress=False)
         dirs.append(root / method)
@@ -195,7 +195,7 @@ def test_run_ends_with_baselines_and_bytes_beside_fedavg(jsonl_data, tmp_path, c
     items = tiny_overrides(jsonl_data, tmp_path, **{"method.name": "ferret", "method.k": 64,
                                                    "federation.rounds": 1,
                                                    "output.save_model": False})
-    assert cli.main(["run", *items, "--out", str(out_dir)]) == 0
+    assert cli.main(["run", str(BASE), *items, "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out.split("\nrun folder:")[0].rsplit("\n\n", 1)[1]
     rows, summary = _rows(out_dir), json.loads((out_dir / "summary.json").read_text())
     up = rows[1]["bytes_up_total"] / len(rows[1]["clients"])

@@ -9,19 +9,19 @@ import pytest
 
 from fedtune.config import ConfigError, load_config
 
-from .conftest import REPO
+from .conftest import BASE, REPO
 
 
 def test_default_config_is_valid_and_embedded():
     cfg = load_config()
-    assert cfg.model.source == "smollm2"
-    assert cfg.data.source == "rotten_tomatoes"
-    assert cfg.method.name == "ferret"
+    assert (cfg.model.source, cfg.data.source, cfg.data.task) == ("minilm", "rotten_tomatoes",
+                                                                  "classification")
+    assert cfg.method.name == "federa" and cfg.method_config().rank == 16
     assert cfg.federation.rounds >= 1
 
 
 def test_overrides_are_typed_and_reach_method_options(tmp_path):
-    cfg = load_config(None, ["federation.rounds=7", "train.lr=0.5", "train.optimizer=adamw",
+    cfg = load_config(BASE, ["federation.rounds=7", "train.lr=0.5", "train.optimizer=adamw",
                              "federation.clients_per_round=1", "method.name=fedavg",
                              "method.wire_dtype=bfloat16"])
     assert cfg.federation.rounds == 7
@@ -38,20 +38,20 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     assert cfg.train.lr == 0.001 and cfg.method_config().eta == 5e-6
     assert cfg.train.max_grad_norm == 20.0
     with pytest.raises(ConfigError, match="'1e-3x' is not a number"):
-        load_config(None, ["train.lr=1e-3x"])
+        load_config(BASE, ["train.lr=1e-3x"])
 
 
 def test_model_device_and_source_config(tmp_path):
     assert load_config().model.device == "auto"
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
-        assert load_config(None, [f"model.device={device}"]).model.device == device
+        assert load_config(BASE, [f"model.device={device}"]).model.device == device
     # a config may name a GPU this machine lacks (it is checked where the model is built)
-    assert load_config(None, ["model.device=cuda:7"]).model.device == "cuda:7"
+    assert load_config(BASE, ["model.device=cuda:7"]).model.device == "cuda:7"
     shape = REPO / "benchmarks" / "configs" / "llama-3.2-1b.json"
     for path in (shape, tmp_path):
         if path == tmp_path:
             (tmp_path / "config.json").write_text(shape.read_text())
-        cfg = load_config(None, ["model.source=config", f"model.path={path}",
+        cfg = load_config(BASE, ["model.source=config", f"model.path={path}",
                                  "model.dtype=bfloat16"])
         assert cfg.model.source == "config" and cfg.model.dtype == "bfloat16"
 
@@ -62,6 +62,34 @@ def test_yaml_file_with_method_section(tmp_path):
     cfg = load_config(path, ["federation.rounds=4"])
     assert cfg.federation.rounds == 4
     assert cfg.method_config().wire_dtype == "float16"
+
+
+@pytest.mark.parametrize("overrides, name, options", [
+    ([], "federa", {"rank": 16, "alpha": 32}),
+    (["method.name=federa", "method.rank=4"], "federa", {"rank": 4, "alpha": 32}),
+    (["method.name=ferret"], "ferret", {}),
+    (["method.name=fedit", "method.rank=4"], "fedit", {"rank": 4}),
+    (["method.rank=4", "method.name=fedit"], "fedit", {"rank": 4}),
+    (["method.name=ferret", "method.name=federa"], "federa", {"rank": 16, "alpha": 32}),
+])
+def test_switching_methods_leaves_the_base_options_behind(tmp_path, overrides, name, options):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: federa\n  rank: 16\n  alpha: 32\n")
+    cfg = load_config(path, overrides)
+    assert (cfg.method.name, cfg.method.options) == (name, options)
+
+
+def test_a_switch_keeps_checking_the_options_against_the_new_method(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: federa\n  rank: 16\n")
+    with pytest.raises(ConfigError, match="method.rank: unknown key"):
+        load_config(path, ["method.name=ferret", "method.rank=4"])
+    with pytest.raises(ConfigError, match="method.k: unknown key"):
+        load_config(path, ["method.k=64"])
+    assert load_config(path, ["method.name=ferret", "method.k=64"]).method_config().k == 64
+    # the embedded default names its method's options too; any method can replace it
+    for method in ("fedavg", "ferret", "fedkseed", "fedit"):
+        assert load_config(None, [f"method.name={method}"]).method.name == method
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -87,7 +115,7 @@ def test_yaml_file_with_method_section(tmp_path):
 ])
 def test_bad_configs_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config(None, override)
+        load_config(BASE, override)
     assert fragment in str(e.value)
 
 

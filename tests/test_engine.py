@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from fedtune.config import load_config
 from fedtune.engines.inprocess import run
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 VOLATILE = ("time_", "peak_")
 
@@ -30,7 +30,7 @@ def _stable(rows):
 
 
 def test_run_records_metrics_and_same_config_gives_same_numbers(jsonl_data, tmp_path):
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs"))
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs"))
     rows_a = run(cfg, tmp_path / "a", progress=False)
     rows_b = run(cfg, tmp_path / "b", progress=False)
     assert [r["round"] for r in rows_a] == [0, 1, 2]
@@ -71,9 +71,9 @@ def test_kill_9_mid_round_then_resume_matches_uninterrupted(method, jsonl_data, 
         "federation.rounds": 3, "train.local_steps": 3, "eval.generate": False,
         "method.name": method, **extra})
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    run(load_config(None, overrides), ref_dir, progress=False)
+    run(load_config(BASE, overrides), ref_dir, progress=False)
 
-    proc = subprocess.Popen(_cli("run", *overrides, "--out", str(killed_dir)),
+    proc = subprocess.Popen(_cli("run", str(BASE), *overrides, "--out", str(killed_dir)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Wait until round 2 has started (its first client reported), then kill -9 mid-round.
     seen = []
@@ -114,7 +114,7 @@ def test_bfloat16_run_trains_and_stays_bfloat16(method, jsonl_data, tmp_path):
     from fedtune.engines.rounds import Progress, federate
     from fedtune.methods.base import trainable_parameters, trainable_state
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.dtype": "bfloat16", "method.name": method, "eval.generate": False,
         **({"method.rank": 4, "train.lr": 0.05} if method != "fedavg" else {})}))
     exp = ex.setup(cfg)
@@ -151,7 +151,7 @@ def test_bfloat16_run_of_the_seed_based_methods(method, jsonl_data, tmp_path):
 
     extra = {"method.k": 64} if method == "ferret" else {"method.k": 16} if "kseed" in method \
         else {}
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.dtype": "bfloat16", "method.name": method, "eval.generate": False, **extra}))
     exp = ex.setup(cfg)
     model = ex.build_model(exp)
@@ -181,7 +181,7 @@ def test_bfloat16_evaluation_loss_is_computed_in_float32(jsonl_data, tmp_path):
 
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{"model.dtype": dtype}))
+        cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **{"model.dtype": dtype}))
         exp = ex.setup(cfg)
         model = ex.build_model(exp)
         losses[dtype] = evaluation_loss(model, exp.task, exp.test, batch_size=5)
@@ -205,7 +205,7 @@ def test_gpu_run_keeps_the_model_on_the_gpu(method, jsonl_data, tmp_path):
     from fedtune.engines.inprocess import LocalTransport
     from fedtune.engines.rounds import Progress, federate
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.device": "cuda", "model.dtype": "bfloat16", "method.name": method,
         **({"method.rank": 4} if method != "fedavg" else {})}))
     exp = ex.setup(cfg)
@@ -227,7 +227,7 @@ def _federation(jsonl_data, tmp_path, name, **extra):
     from fedtune.engines.inprocess import LocalTransport
     from fedtune.engines.rounds import Progress
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "method.name": "fedavg", "federation.clients_per_round": 1.0, "eval.generate": False,
         **extra}))
     exp = ex.setup(cfg)

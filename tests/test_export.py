@@ -21,7 +21,7 @@ from fedtune.methods.base import trainable_parameters
 from fedtune.methods.lora import ADAPTER, lora_layers
 from fedtune.tasks import alpaca_prompt
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 CLASSIFIER = {"data.source": "rotten_tomatoes", "data.task": "classification",
               "data.path": None, "data.max_examples": 200, "model.pooling": "mean"}
@@ -43,7 +43,7 @@ def runs(shared_jsonl_data, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            cfg = load_config(None, tiny_overrides(shared_jsonl_data, root, **{"eval.generate": False,
+            cfg = load_config(BASE, tiny_overrides(shared_jsonl_data, root, **{"eval.generate": False,
                                                                   **RUNS[name]}))
             exp = ex.setup(cfg)
             model = ex.build_model(exp)
@@ -143,7 +143,7 @@ def test_mean_pooling_classifier_exports_with_labels(runs, tmp_path):
 def test_export_refuses_what_it_cannot_export(runs, shared_jsonl_data, tmp_path):
     with pytest.raises(export.ExportError, match="no config.yaml"):
         export.export_run(tmp_path, tmp_path / "out")
-    cfg = load_config(None, tiny_overrides(shared_jsonl_data, tmp_path, **{
+    cfg = load_config(BASE, tiny_overrides(shared_jsonl_data, tmp_path, **{
         "output.save_model": False, "federation.rounds": 1, "eval.generate": False}))
     from fedtune.engines.inprocess import run
 

@@ -538,9 +538,9 @@ def test_in_process_engine_run_and_message_sizes(method, jsonl_data, tmp_path):
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
 
-    from .conftest import tiny_overrides
+    from .conftest import BASE, tiny_overrides
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "method.name": method, "method.k": 64, "method.eta": 1e-3,
         "output.save_model": "false"}))
     rows = run(cfg, tmp_path / "run", progress=False)

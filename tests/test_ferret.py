@@ -319,26 +319,6 @@ def test_one_round_error_matches_the_predicted_variance():
     assert big_obs < small_obs / 10
 
 
-def test_sqrt_size_allocation_lowers_the_error_for_the_coordinates_sent():
-    """At the same k, K_l in proportion to sqrt(d_l) ||Delta_l|| minimises the predicted error
-    sum_l d_l ||Delta_l||^2 / K_l; on the tiny model (blocks of 64 to 4096 entries) it predicts
-    and gives a smaller error than the norm rule, and each observation is within 2x of its
-    prediction. Per block the estimate keeps the unbiased 1 / (rho_l K_l) scale."""
-    norm_obs, norm_pred = _one_round_error(Config(k=128, distribution="gaussian"))
-    sqrt_obs, sqrt_pred = _one_round_error(Config(k=128, distribution="gaussian",
-                                                  allocation="sqrt_size"))
-    assert sqrt_pred < 0.93 * norm_pred  # 0.88 here; 0.6 on SmolLM2 (benchmarks/ferret.md)
-    assert 0.5 < norm_obs / norm_pred < 2 and 0.5 < sqrt_obs / sqrt_pred < 2
-    assert sqrt_obs < norm_obs
-    # the rule itself, by hand: sizes 100, 400, 100 with norms 1, 1, 2 at k = 20
-    cfg = Config(k=20, grouping="tensor", allocation="sqrt_size")
-    layout = Layout(cfg, [("a", torch.Size([100])), ("b", torch.Size([400])),
-                          ("c", torch.Size([100]))])
-    assert PaperMode(cfg, layout, 0).allocate([1.0, 1.0, 2.0]) == [4, 8, 8]
-    assert PaperMode(Config(k=20, grouping="tensor"), layout, 0).allocate([1.0, 1.0, 2.0]) == [
-        5, 5, 10]
-
-
 def test_upload_bytes_are_four_per_coordinate_plus_a_small_header():
     for dtype, per in (("float32", 4), ("float16", 2)):
         cfg = Config(k=48, wire_dtype=dtype)
@@ -471,8 +451,6 @@ def test_config_and_registry():
     assert get_method("ferret").method_id == 5
     with pytest.raises(ValueError, match="reference-mode"):
         Config(server_momentum=0.9)
-    with pytest.raises(ValueError, match="paper-mode option"):
-        Config(mode="reference", allocation="sqrt_size")
     # the default bases follow the mode; the authors' d_l/K_l scale takes only theirs
     assert Config().distribution == "rademacher"
     assert Config(mode="reference").distribution == "truncnormal"
@@ -489,11 +467,11 @@ def test_in_process_engine_runs_ferret_and_the_final_model_is_the_servers(jsonl_
     from fedtune.config import load_config
     from fedtune.engines.inprocess import run
 
-    from .conftest import tiny_overrides
+    from .conftest import BASE, tiny_overrides
 
     over = tiny_overrides(jsonl_data, tmp_path / "runs", **{"method.name": "ferret",
                                                              "method.k": 64})
-    cfg = load_config(None, over)
+    cfg = load_config(BASE, over)
     rows = run(cfg, tmp_path / "ferret", progress=False)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

@@ -29,7 +29,7 @@ from fedtune.config import load_config
 from fedtune.engines.flower import common
 from fedtune.engines.flower.records import pack, unpack
 
-from .conftest import TEST_DEVICE, tiny_overrides
+from .conftest import BASE, TEST_DEVICE, tiny_overrides
 
 pytest.importorskip("flwr")
 
@@ -39,7 +39,7 @@ def _cfg(data: Path, runs: Path, **extra):
             "federation.round_timeout": 120, "method.name": "ferret", "method.k": 64,
             "eval.generate_examples": 2}
     base.update(extra)
-    return load_config(None, tiny_overrides(data, runs, **base))
+    return load_config(BASE, tiny_overrides(data, runs, **base))
 
 
 def _model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +89,8 @@ def test_app_folder_is_a_valid_flower_app(jsonl_data, tmp_path):
     from fedtune.cli import main
 
     items = tiny_overrides(jsonl_data, tmp_path, **{"method.name": "ferret"})
-    assert main(["flower", "app", str(tmp_path / "app2"), *items, "--out", "/tmp/x"]) == 0
+    assert main(["flower", "app", str(tmp_path / "app2"), str(BASE), *items,
+                 "--out", "/tmp/x"]) == 0
     conf2, _ = load_and_validate(tmp_path / "app2" / "pyproject.toml")
     back, _ = common.config_from_run(conf2["tool"]["flwr"]["app"]["config"])
     assert back.method.name == "ferret" and back.partition.num_clients == 4
@@ -303,7 +304,7 @@ def _mixed_reference(cfg, dtypes: dict[int, str], run_dir: Path):
 
 
 def _fedavg_pair_cfg(data: Path, runs: Path):
-    return load_config(None, tiny_overrides(data, runs, **{
+    return load_config(BASE, tiny_overrides(data, runs, **{
         "partition.num_clients": 2, "eval.generate": False, "federation.clients_per_round": 1.0,
         "federation.round_timeout": 120}))
 

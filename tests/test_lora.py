@@ -20,6 +20,8 @@ from fedtune.methods.base import FitContext, Upload, trainable_parameters, train
 from fedtune.methods.registry import get_method
 from fedtune.tasks import IGNORE, CausalLMTask, ClassificationTask, ClientData
 
+from .conftest import BASE
+
 VOCAB = 128
 
 
@@ -86,7 +88,7 @@ def test_registered_with_wire_ids_and_config_validated():
         build(lora.Config, {"dropout": 1.5}, prefix="method")
     cfg = build(lora.Config, {"target_modules": ["q_proj", "k_proj"], "alpha": 8})
     assert cfg.target_modules == ["q_proj", "k_proj"] and cfg.alpha == 8.0
-    exp = load_config(None, ["method.name=federa", "method.rank=4", "model.source=tiny",
+    exp = load_config(BASE, ["method.name=federa", "method.rank=4", "model.source=tiny",
                              "method.target_modules=[query, value]", "data.task=classification"])
     assert exp.method_config() == lora.Config(rank=4, target_modules=["query", "value"])
 
@@ -447,9 +449,9 @@ def test_engine_run_on_tiny_causal_lm(name, jsonl_data, tmp_path):
 
     base = tiny_overrides(jsonl_data, tmp_path / "runs", **{"eval.generate": False,
                                                             "train.lr": 0.01})
-    rows = run(load_config(None, [*base, f"method.name={name}", "method.rank=4"]),
+    rows = run(load_config(BASE, [*base, f"method.name={name}", "method.rank=4"]),
                tmp_path / name, progress=False)
-    ref = run(load_config(None, [*base, "federation.rounds=1"]), tmp_path / "fedavg",
+    ref = run(load_config(BASE, [*base, "federation.rounds=1"]), tmp_path / "fedavg",
               progress=False)
     # the adapters leave the pretrained model's output unchanged at round 0
     assert rows[0]["eval_loss"] == pytest.approx(ref[0]["eval_loss"], abs=1e-5)
@@ -474,7 +476,7 @@ def test_engine_run_on_tiny_classifier_sends_the_head(pooling, tmp_path):
                  "train.batch_size": 8, "train.lr": 0.01, "train.optimizer": "adamw",
                  "eval.max_examples": 32, "output.dir": str(tmp_path / "runs"),
                  "method.name": "federa", "method.rank": 4, "model.pooling": pooling}
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(BASE, [f"{k}={v}" for k, v in overrides.items()])
     rows = run(cfg, tmp_path / "cls", progress=False)  # the assets are part of `make setup`
     assert [r["round"] for r in rows] == [0, 1, 2]
     # accuracy is a count of the 32 evaluated examples, and training moved the head

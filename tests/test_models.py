@@ -29,6 +29,8 @@ from fedtune.models import (
     tiny_model,
 )
 
+from .conftest import BASE
+
 VOCAB = 128
 
 
@@ -111,12 +113,12 @@ def test_federa_on_a_mean_pooled_encoder_keeps_the_output_and_sends_the_head():
 
 def test_pooling_config_is_validated_and_reaches_tiny_models():
     with pytest.raises(ConfigError, match="model.pooling: 'max' is not allowed"):
-        load_config(None, ["model.pooling=max"])
-    cfg = load_config(None, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
+        load_config(BASE, ["model.pooling=max"])
+    cfg = load_config(BASE, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
                              "data.task=classification", "model.pooling=mean"])
     assert type(tiny_model(cfg.model, classifier=True, seed=0)).__name__ == (
         "MeanPoolingBertForSequenceClassification")
-    cfg = load_config(None, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
+    cfg = load_config(BASE, ["model.source=tiny", "model.tiny_hidden=32", "model.tiny_vocab=64",
                              "data.task=classification"])
     assert type(tiny_model(cfg.model, classifier=True, seed=0)).__name__ == (
         "BertForSequenceClassification")
@@ -207,12 +209,12 @@ def test_model_source_config_builds_the_architecture_seeded(jsonl_data, tmp_path
 
     from .conftest import tiny_overrides
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
+    tok = load_tokenizer(load_config(BASE, ["model.source=tiny"]).model, classifier=False)
     path = _tiny_config_json(tmp_path / "shape", vocab=len(tok))
     items = tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "model.source": "config", "model.path": path.parent, "model.dtype": "bfloat16",
         "federation.rounds": 1, "eval.generate": False})
-    cfg = load_config(None, items)
+    cfg = load_config(BASE, items)
     # no tokenizer beside the config: SmolLM2's
     assert len(load_tokenizer(cfg.model, classifier=False)) == len(tok)
     model = load_model(cfg.model, classifier=False, seed=cfg.seed, tokenizer=tok)
@@ -233,9 +235,9 @@ def test_model_source_config_builds_the_architecture_seeded(jsonl_data, tmp_path
 def test_model_source_config_checks_the_vocabulary_and_the_file(tmp_path):
     from fedtune.models import load_tokenizer
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
+    tok = load_tokenizer(load_config(BASE, ["model.source=tiny"]).model, classifier=False)
     small = _tiny_config_json(tmp_path / "small", vocab=100)
-    cfg = load_config(None, ["model.source=config", f"model.path={small}"])
+    cfg = load_config(BASE, ["model.source=config", f"model.path={small}"])
     with pytest.raises(ConfigError, match=f"vocab_size 100 is smaller than the tokenizer's "
                                           f"{len(tok)} tokens"):
         load_model(cfg.model, classifier=False, seed=0, tokenizer=tok)
@@ -247,10 +249,10 @@ def test_model_source_config_checks_the_vocabulary_and_the_file(tmp_path):
 def test_a_tokenizer_beside_the_config_is_used(tmp_path):
     from fedtune.models import load_tokenizer
 
-    tok = load_tokenizer(load_config(None, ["model.source=tiny"]).model, classifier=False)
+    tok = load_tokenizer(load_config(BASE, ["model.source=tiny"]).model, classifier=False)
     tok.save_pretrained(tmp_path / "own")
     _tiny_config_json(tmp_path / "own", vocab=len(tok))
-    cfg = load_config(None, ["model.source=config", f"model.path={tmp_path / 'own'}"])
+    cfg = load_config(BASE, ["model.source=config", f"model.path={tmp_path / 'own'}"])
     assert Path(load_tokenizer(cfg.model, classifier=False).name_or_path) == tmp_path / "own"
 
 

@@ -25,7 +25,7 @@ from fedtune.engines.rounds import Progress, federate
 from fedtune.methods import registry, robust
 
 from . import hostile
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 # --- the rule ----------------------------------------------------------------------------------
 
@@ -78,18 +78,18 @@ def test_rule_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("trim", [-0.1, 0.5, 0.7, ".nan"])
 def test_trim_outside_0_to_half_is_a_config_error(trim):
     with pytest.raises(ConfigError, match=r"federation.trim: .* must be in \[0, 0.5\)"):
-        load_config(None, ["federation.aggregator=trimmed_mean", f"federation.trim={trim}"])
+        load_config(BASE, ["federation.aggregator=trimmed_mean", f"federation.trim={trim}"])
 
 
 def test_ferret_paper_mode_is_refused_and_reference_mode_accepted():
     with pytest.raises(ConfigError, match=r"^federation.aggregator: median is not available for "
                        r"method.name=ferret: Ferret paper mode .* use method.mode=reference"):
-        load_config(None, ["method.name=ferret", "method.mode=paper",
+        load_config(BASE, ["method.name=ferret", "method.mode=paper",
                            "federation.aggregator=median"])
-    cfg = load_config(None, ["method.name=ferret", "method.mode=reference",
+    cfg = load_config(BASE, ["method.name=ferret", "method.mode=reference",
                              "federation.aggregator=median"])
     assert cfg.federation.aggregator == "median"
-    load_config(None, ["method.name=ferret", "method.mode=paper"])  # mean: fine
+    load_config(BASE, ["method.name=ferret", "method.mode=paper"])  # mean: fine
 
 
 def test_a_method_without_robust_support_is_refused_not_silently_averaged(monkeypatch):
@@ -99,9 +99,9 @@ def test_a_method_without_robust_support_is_refused_not_silently_averaged(monkey
     spec = dataclasses.replace(registry.get_method("fedavg"), name="plain", method_id=250,
                                make_server=PlainServer)
     monkeypatch.setitem(registry.METHODS, "plain", spec)
-    load_config(None, ["method.name=plain"])
+    load_config(BASE, ["method.name=plain"])
     with pytest.raises(ConfigError, match="method.name=plain: its server implements only"):
-        load_config(None, ["method.name=plain", "federation.aggregator=trimmed_mean"])
+        load_config(BASE, ["method.name=plain", "federation.aggregator=trimmed_mean"])
 
 
 METHODS = {
@@ -121,7 +121,7 @@ def hostile_federation(method, aggregator, attacks, data, tmp_path, trim=0.1, cl
     per round, the server's state before and after in the method's summed space, every
     client's upload in that space and every client's example count."""
     extra, space = METHODS[method]
-    cfg = load_config(None, tiny_overrides(
+    cfg = load_config(BASE, tiny_overrides(
         data, tmp_path / "runs", **{
             "method.name": method, "partition.num_clients": clients,
             "federation.clients_per_round": 1.0, "federation.rounds": rounds,

@@ -12,7 +12,7 @@ from fedtune.config import ConfigError, load_config
 from fedtune.engines.inprocess import run
 from fedtune.evaluation import SCORERS, rouge_l
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 
 def test_rouge_score_scorer_by_hand():
@@ -50,16 +50,16 @@ def test_empty_texts_score_zero(scorer):
 def test_an_unknown_scorer_is_refused(jsonl_data):
     with pytest.raises(ValueError, match="unknown Rouge scorer 'bleu'"):
         rouge_l(["a"], ["a"], "bleu")
-    assert load_config(None, tiny_overrides(jsonl_data, **{"eval.rouge": "rouge"})).eval.rouge \
+    assert load_config(BASE, tiny_overrides(jsonl_data, **{"eval.rouge": "rouge"})).eval.rouge \
         == "rouge"
-    assert load_config(None, tiny_overrides(jsonl_data)).eval.rouge == "rouge_score"
+    assert load_config(BASE, tiny_overrides(jsonl_data)).eval.rouge == "rouge_score"
     with pytest.raises(ConfigError, match=r"eval\.rouge: 'bleu' is not allowed; use one of "
                                           r"'rouge_score', 'rouge'"):
-        load_config(None, tiny_overrides(jsonl_data, **{"eval.rouge": "bleu"}))
+        load_config(BASE, tiny_overrides(jsonl_data, **{"eval.rouge": "bleu"}))
 
 
 def test_a_run_names_its_scorer_everywhere(jsonl_data, tmp_path):
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path, **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **{
         "eval.rouge": "rouge", "federation.rounds": 1, "output.save_model": False}))
     run(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ from fedtune.config import load_config
 from fedtune.engines.inprocess import run
 from fedtune.runlog import CHECKPOINT_MAGIC, CheckpointError, RunLog
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 ID = {"method": "fedavg", "seed": 0}
 
@@ -65,7 +65,7 @@ def test_another_runs_or_an_old_release_checkpoint_is_refused(tmp_path):
 
 def test_resuming_from_a_damaged_run_is_one_line_and_exit_status_2(jsonl_data, tmp_path,
                                                                    capsys):
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs",
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs",
                                            **{"eval.generate": False}))
     run(cfg, tmp_path / "r", progress=False)
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
@@ -83,7 +83,7 @@ def test_run_folders_are_not_overwritten_or_shared(jsonl_data, tmp_path, capsys)
 
     from fedtune.runlog import RunFolderError
 
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "eval.generate": False, "federation.rounds": 1}))
     out = tmp_path / "r"
     run(cfg, out, progress=False)
@@ -94,9 +94,9 @@ def test_run_folders_are_not_overwritten_or_shared(jsonl_data, tmp_path, capsys)
     capsys.readouterr()
     items = [f"{k}" for k in tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "eval.generate": "false", "federation.rounds": 1})]
-    assert main(["run", *items, "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(BASE), *items, "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["run", *items, "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert main(["run", str(BASE), *items, "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert not (out / "checkpoint.prev.pt").exists()  # the old run's files went first
     # a second writer while one holds the folder
     with open(out / ".lock", "w") as held:

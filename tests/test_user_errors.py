@@ -9,7 +9,7 @@ import pytest
 
 from fedtune.cli import main
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_each_mistake_is_one_line_and_exit_status_2(case, files, jsonl_data, cap
                                                          "eval.generate": "false"})
     items = base + [e.format(bin=files / "bin.jsonl", two=files / "two.jsonl") for e in extra]
     out = files / "out"
-    assert main(["run", *items, "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(BASE), *items, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedtune: error: ") and message in err[0], err
     assert not (out / "metrics.jsonl").exists()

@@ -403,7 +403,9 @@ def _method_tree(tree: dict) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """The default experiment, or the YAML file at ``path``, with ``key=value`` overrides
-    applied on top (``method.k=64`` sets a method option)."""
+    applied on top (``method.k=64`` sets a method option). The base's method options belong to
+    the method it names: an override that names another method drops them, and the options
+    given for the new method apply, before or after ``method.name=`` on the command line."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -421,8 +423,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     else:
         tree = default_tree()
     _method_tree(tree)
-    for item in overrides:
-        keys, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    names = [value for keys, value in parsed if keys == ["method", "name"]]
+    method = tree.get("method")
+    if names and isinstance(method, dict) and names[-1] != method.get("name"):
+        # the base's options are its own method's: switching methods leaves them behind
+        method["options"] = {}
+    for keys, value in parsed:
         if keys[0] == "method" and len(keys) > 1 and keys[1] not in ("name", "options"):
             keys = ["method", "options", *keys[1:]]
         _set_path(tree, keys, value)

@@ -31,13 +31,6 @@ class Config:
     coordinates for a given time). Default: rademacher in paper mode; truncnormal in reference
     mode, the only one it takes (the authors' d_l/K_l scale is unbiased up to a factor 1/3 only
     for entries of variance about 1/(3 d_l))."""
-    allocation: Literal["norm", "sqrt_size"] = "norm"
-    """paper mode: how the ``k`` coordinates are split over the blocks. norm: ``K_l`` in
-    proportion to ``||Delta_l||`` (the paper's rule), the least reconstruction error
-    ``sum_l d_l ||Delta_l||^2 / K_l`` for the random numbers generated (``sum_l K_l d_l``).
-    sqrt_size: in proportion to ``sqrt(d_l) ||Delta_l||``, the least error for the ``k``
-    coordinates sent, at the price of more numbers generated for the large blocks (the
-    embedding). Reference mode has the authors' rule."""
     server_lr: float = 1.0
     """eta_s, in (0, 1e6]. In paper mode 1 makes the expected global update FedAvg's; the paper
     used 10 on Natural Instructions with the reference code's d_l/K_l scale."""
@@ -84,9 +77,6 @@ class Config:
             raise ValueError("server_momentum must be in [0, 1)")
         if self.mode == "paper" and self.server_momentum:
             raise ValueError("server_momentum is a reference-mode option (mode: reference)")
-        if self.mode == "reference" and self.allocation != "norm":
-            raise ValueError("allocation is a paper-mode option (reference mode allocates by "
-                             "the authors' rule)")
         if self.pool_size < 1 or self.pool_size > 65535:
             raise ValueError("pool_size must be in [1, 65535]")
         if self.mode == "reference" and self.min_bases > self.pool_size:

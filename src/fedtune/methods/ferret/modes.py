@@ -5,8 +5,9 @@ shared.
 
 * :class:`PaperMode`: a fresh seed per client per round; block ``l`` of client ``i`` uses the
   stream ``derive_seed(seed_i, l)``, ``K_l`` of the ``k`` bases allocated in proportion to
-  ``||Delta_l||`` (or ``sqrt(d_l) ||Delta_l||``: ``Config.allocation``; at least
-  ``min_bases``), coordinates scaled by ``1 / (rho_l K_l)`` (unbiased).
+  ``||Delta_l||`` (at least ``min_bases``; for a given number of random numbers generated,
+  ``sum_l K_l d_l``, this is the least reconstruction error ``sum_l d_l ||Delta_l||^2 / K_l``),
+  coordinates scaled by ``1 / (rho_l K_l)`` (unbiased).
   Record: ``u8 0, f64 eta_s, u16 m`` and per client ``f64 weight, u32 length, upload body``;
   every party rebuilds every client's update, so cost is clients x sum_l K_l d_l.
 * :class:`ReferenceMode`: the authors' code. One pool of ``pool_size`` seeds shared by every
@@ -131,8 +132,6 @@ class PaperMode(Mode):
                 f"bases; set method.k >= {len(layout) * cfg.min_bases}")
 
     def allocate(self, norms: Sequence[float]) -> list[int]:
-        if self.cfg.allocation == "sqrt_size":
-            norms = [math.sqrt(d) * n for d, n in zip(self.layout.sizes, norms)]
         return projection.allocate(norms, self.cfg.k, self.cfg.min_bases)
 
     def bases(self, seed: int, block: int, n: int) -> tuple[list[tuple[int, int]], float]:
