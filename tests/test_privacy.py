@@ -37,7 +37,7 @@ from fedtune.methods.ferret import (
     encode_upload_body,
 )
 
-from .conftest import tiny_overrides
+from .conftest import BASE, tiny_overrides
 from .test_engine import _cli, _stable
 
 # --- config ------------------------------------------------------------------------------------
@@ -65,13 +65,14 @@ ON = ["privacy.enabled=true", "method.name=fedavg"]
 ])
 def test_bad_privacy_settings_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
-        load_config(None, ON + overrides)
+        load_config(BASE, ON + overrides)
     assert "\n" not in str(e.value)
 
 
 def test_privacy_is_off_by_default_and_good_settings_load():
-    assert load_config(None, []).privacy.enabled is False
-    cfg = load_config(None, ON + ["privacy.target_epsilon=4", "method.name=ferret",
+    assert load_config(None, []).privacy.enabled is False  # the embedded default too
+    assert load_config(BASE, []).privacy.enabled is False
+    cfg = load_config(BASE, ON + ["privacy.target_epsilon=4", "method.name=ferret",
                                   "method.mode=paper", "privacy.noise=local"])
     assert cfg.privacy.noise == "local"
 
@@ -118,7 +119,7 @@ SPACES = {
 def test_every_upload_decoded_in_its_space_is_within_the_clip_norm(method, jsonl_data,
                                                                    tmp_path):
     extra, measure = SPACES[method]
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "method.name": method, "privacy.enabled": True, "privacy.clip_norm": C,
         "privacy.noise_multiplier": 1.0, "eval.generate": False, "eval.max_examples": 4,
         "output.save_model": False, **extra}))
@@ -285,7 +286,7 @@ def test_target_epsilon_gives_a_multiplier_within_tolerance(target):
 
 @pytest.fixture
 def private_run(jsonl_data, tmp_path):
-    cfg = load_config(None, tiny_overrides(jsonl_data, tmp_path / "runs", **{
+    cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path / "runs", **{
         "method.name": "fedkseed", "method.k": 16, "federation.rounds": 3,
         "privacy.enabled": True, "privacy.target_epsilon": 8.0, "privacy.clip_norm": 5.0,
         "eval.generate": False, "output.save_model": False}))
@@ -325,9 +326,9 @@ def test_a_private_run_killed_mid_round_resumes_to_the_same_model(method, noise,
         "method.name": method, "privacy.enabled": True, "privacy.noise_multiplier": 0.3,
         "privacy.clip_norm": 0.5, "privacy.noise": noise, **extra})
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    run(load_config(None, overrides), ref_dir, progress=False)
+    run(load_config(BASE, overrides), ref_dir, progress=False)
 
-    proc = subprocess.Popen(_cli("run", *overrides, "--out", str(killed_dir)),
+    proc = subprocess.Popen(_cli("run", str(BASE), *overrides, "--out", str(killed_dir)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = [], time.time() + 300
     for line in proc.stdout:
@@ -353,7 +354,7 @@ def test_a_private_run_killed_mid_round_resumes_to_the_same_model(method, noise,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # and the noise is really there: without it the model differs
     quiet_dir = tmp_path / "quiet"
-    run(load_config(None, [*overrides, "privacy.noise_multiplier=0.0"]), quiet_dir,
+    run(load_config(BASE, [*overrides, "privacy.noise_multiplier=0.0"]), quiet_dir,
         progress=False)
     c = load_file(quiet_dir / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
