@@ -76,6 +76,8 @@ def _w0(cfg, method: str) -> torch.Tensor:
     ({"method.name": "ferret", "method.mode": "paper"}, "its own random bases"),
     ({"method.name": "fedkseed_pro"}, "importance histories"),
     ({"federation.aggregator": "median"}, "needs each client's upload"),
+    ({"method.name": "fedavg", "privacy.enabled": True, "privacy.noise_multiplier": 1.0},
+     "bypasses the server's clipping and central noise"),
     ({"federation.secagg_quantization_range": 2**31}, "below 2\\*\\*32"),
     ({"federation.secagg_num_shares": 2}, "whole number above 2"),
     ({"federation.secagg_num_shares": 3, "federation.secagg_reconstruction_threshold": 3},

@@ -106,7 +106,8 @@ class FederationConfig:
     clients_per_round: float = 0.5
     """Fraction of clients sampled each round (at least one client is always sampled)."""
     weighting: Literal["examples", "equal"] = "examples"
-    """How the server weights clients: by number of training examples, or equally."""
+    """How the server weights clients: by number of training examples, or equally (with
+    ``privacy`` on, neither: the unweighted mean over the clients sampled per round)."""
     min_clients: int = 1
     """A round needs uploads from at least this many clients (clients can drop out on Flower);
     otherwise the run stops with the last round's checkpoint intact."""
@@ -207,6 +208,38 @@ class OutputConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    """Client-level differential privacy: every client's update is clipped to ``clip_norm`` in
+    the space its method sums, Gaussian noise is added, the server takes the unweighted mean
+    over the clients sampled per round (``federation.weighting`` is not used), and epsilon at
+    ``delta`` is logged every round. See ``methods/privacy.py``."""
+    clip_norm: float = 1.0
+    """C, the l2 bound on one client's update (FedKSeed: its per-seed scalar sums; FedZO: its
+    weight delta; Ferret: its coordinates; FedAvg/FedIT/FeDeRA: its weight or adapter delta
+    from the round's global), positive."""
+    noise_multiplier: float | None = None
+    """Noise std as a multiple of ``clip_norm``, >= 0 (0: clipping only, epsilon infinite).
+    Give this or ``target_epsilon``, not both."""
+    target_epsilon: float | None = None
+    """Choose the noise multiplier before the run so that epsilon at ``delta`` after
+    ``federation.rounds`` rounds is this (the chosen multiplier is printed and saved in
+    summary.json)."""
+    delta: float = 1e-5
+    """The delta of (epsilon, delta), in (0, 1); well below 1 / clients."""
+    noise: Literal["central", "local"] = "central"
+    """central: the server adds the noise once to the sum (it is trusted with the clipped
+    uploads); local: every client adds it to its own upload before sending (nothing trusted;
+    far more noise in the mean; epsilon then holds against the server, with no amplification
+    by sampling). Ferret paper mode takes only local."""
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    """How the accountant models client sampling. fixed: what fedtune does, m of N clients
+    without replacement each round, accounted for replace-one neighbours (sensitivity 2C);
+    poisson: the DP-FedAvg convention (Poisson rate m / N, add/remove one client, sensitivity
+    C), which fedtune's sampler only approximates; smaller epsilons, for comparison."""
+
+
+@dataclass
 class MethodConfig:
     name: str = "fedavg"
     """A registered method: fedavg, fedzo, fedkseed, fedkseed_pro, ferret, fedit, federa."""
@@ -235,6 +268,8 @@ class ExperimentConfig:
     """Held-out evaluation (``eval:``)."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where the run is written (``output:``)."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Client-level differential privacy, off by default (``privacy:``)."""
 
     @property
     def classifier(self) -> bool:
@@ -507,7 +542,35 @@ def validate(cfg: ExperimentConfig) -> None:
         refused = robust.refusal(METHODS[cfg.method.name].make_server, method_cfg)
         _require(refused is None, f"federation.aggregator: {f.aggregator} is not available for "
                  f"method.name={cfg.method.name}: {refused}")
+    _validate_privacy(cfg, METHODS[cfg.method.name].make_server, method_cfg)
     _validate_secagg(cfg)
+
+
+def _validate_privacy(cfg: ExperimentConfig, server_cls: type, method_cfg: Any) -> None:
+    q = cfg.privacy
+    _require(math.isfinite(q.clip_norm) and q.clip_norm > 0,
+             f"privacy.clip_norm: {q.clip_norm} must be a positive number")
+    _require(q.noise_multiplier is None or (math.isfinite(q.noise_multiplier)
+                                            and q.noise_multiplier >= 0),
+             f"privacy.noise_multiplier: {q.noise_multiplier} must be a number >= 0")
+    _require(q.target_epsilon is None or (math.isfinite(q.target_epsilon)
+                                          and q.target_epsilon > 0),
+             f"privacy.target_epsilon: {q.target_epsilon} must be a positive number")
+    _require(0 < q.delta < 1, f"privacy.delta: {q.delta} must be in (0, 1)")
+    if not q.enabled:
+        return
+    _require(q.noise_multiplier is None or q.target_epsilon is None,
+             "privacy: give noise_multiplier or target_epsilon, not both")
+    _require(q.noise_multiplier is not None or q.target_epsilon is not None,
+             "privacy: set privacy.noise_multiplier or privacy.target_epsilon")
+    _require(cfg.federation.aggregator == "mean",
+             f"privacy: federation.aggregator={cfg.federation.aggregator} is refused with "
+             "privacy (the accountant's bound is for a noisy sum, use mean)")
+    from fedtune.methods import privacy
+
+    refused = privacy.refusal(server_cls, method_cfg, q.noise)
+    _require(refused is None, f"privacy: not available for method.name={cfg.method.name}: "
+             f"{refused}")
 
 
 SECAGG_MODULUS = 2**32
@@ -535,6 +598,8 @@ def _validate_secagg(cfg: ExperimentConfig) -> None:
              f"must stay below 2**32 (SecAgg+'s modulus), or the masked sum wraps around")
     if not f.secure_aggregation:
         return
+    _require(not cfg.privacy.enabled, "federation.secure_aggregation with privacy is not "
+             "supported yet: the secure sum bypasses the server's clipping and central noise")
     _require(f.aggregator == "mean", f"federation.secure_aggregation: the server sees only the "
              f"sum of the uploads, so federation.aggregator={f.aggregator} (which needs each "
              "client's upload) cannot be used; set aggregator: mean")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.methods import robust
+from fedtune.methods import privacy, robust
 from fedtune.methods.base import Client, MethodSpec, Server, trainable_state
 from fedtune.methods.registry import get_method
 from fedtune.models import load_model, load_tokenizer, resolve_device
@@ -102,7 +102,11 @@ def _method_options_checked() -> Iterator[None]:
 
 def build_client(exp: Experiment, model: torch.nn.Module) -> Client:
     with _method_options_checked():
-        return exp.spec.make_client(exp.method_cfg, model, exp.cfg.seed)
+        client = exp.spec.make_client(exp.method_cfg, model, exp.cfg.seed)
+    mech = privacy.mechanism(exp.cfg, len(exp.clients))
+    if mech is not None:  # validate() refused the methods privacy.refusal names
+        client.privacy = mech
+    return client
 
 
 def build_server(exp: Experiment, model: torch.nn.Module) -> Server:
@@ -114,6 +118,9 @@ def build_server(exp: Experiment, model: torch.nn.Module) -> Server:
     f = exp.cfg.federation
     if f.aggregator != "mean":  # validate() refused the pairs robust.refusal names
         server.aggregator = robust.Rule(f.aggregator, f.trim)
+    mech = privacy.mechanism(exp.cfg, len(exp.clients))
+    if mech is not None:
+        server.privacy = mech
     return server
 
 

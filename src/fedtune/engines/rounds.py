@@ -26,6 +26,7 @@ from fedtune import experiment as ex
 from fedtune import wire
 from fedtune.config import ExperimentConfig, save_config
 from fedtune.evaluation import BASELINE_KEYS, SCORERS, evaluate
+from fedtune.methods import privacy
 from fedtune.methods.base import FitContext, Upload, trainable_parameters
 from fedtune.methods.training import NonFiniteLossError
 from fedtune.runlog import CheckpointError, RunLog, format_table, peak_rss_mb
@@ -157,13 +158,18 @@ class _Loop:
     evaluator_round: int | None = 0
     """the global round the evaluator's model was synced to"""
     t_start: float = field(default_factory=time.perf_counter)
+    accounting: privacy.Accounting | None = None
+    """``privacy`` on: the accountant's parameters, for ``epsilon`` in every row."""
 
 
 def _start(exp, server, evaluator, transport, log: RunLog, resume: bool,
            out: Progress) -> _Loop:
     """Resume from the checkpoint, or write the config and evaluate round 0."""
     cfg, model = exp.cfg, evaluator.model
-    loop = _Loop(exp, server, evaluator, transport, log, out, run_identity(cfg), [])
+    loop = _Loop(exp, server, evaluator, transport, log, out, run_identity(cfg), [],
+                 accounting=privacy.accounting(cfg, len(exp.clients)))
+    if loop.accounting is not None:
+        out.line(_privacy_line(cfg, loop.accounting))
     ckpt = log.load_checkpoint(loop.identity) if resume else None
     if resume and ckpt is None:
         out.line(f"no checkpoint in {log.dir}; starting from round 0")
@@ -247,6 +253,7 @@ def _round(loop: _Loop, r: int) -> None:
         "peak_rss_mb": peak_rss_mb(),
         **_gpu_memory(evaluator.model),
         **{f"method_{k}": v for k, v in method_metrics.items()},
+        **({"epsilon": loop.accounting.epsilon(done)} if loop.accounting else {}),
     })
     loop.rows.append(row)
     loop.log.save_checkpoint({
@@ -282,6 +289,8 @@ def _finish(loop: _Loop) -> list[dict[str, Any]]:
                    for n, p in trainable_parameters(model).items()},
                   str(log.dir / "model.safetensors"))
     summary = summarise(cfg, loop.rows, time.perf_counter() - loop.t_start)
+    if loop.accounting is not None:
+        summary["privacy"] = _privacy_summary(cfg, loop.accounting, len(loop.rows) - 1)
     summary["trainable_params"] = sum(p.numel() for p in trainable_parameters(model).values())
     summary["model_params"] = sum(p.numel() for p in model.parameters())
     log.write_summary(summary)
@@ -293,6 +302,25 @@ def _finish(loop: _Loop) -> list[dict[str, Any]]:
         print(summary_table(loop.rows), file=sys.stdout)
         print(_summary_text(summary), file=sys.stdout)
     return loop.rows
+
+
+def _privacy_line(cfg: ExperimentConfig, acc: privacy.Accounting) -> str:
+    p = cfg.privacy
+    chosen = (f"chosen for target epsilon {p.target_epsilon:g} over {cfg.federation.rounds} "
+              "rounds" if p.target_epsilon is not None else "set")
+    return (f"privacy: {p.noise} noise, clip norm {p.clip_norm:g}, noise multiplier "
+            f"{acc.noise_multiplier:.4g} ({chosen}), {acc.per_round} of {acc.clients} clients "
+            f"per round ({p.sampling} sampling), delta {p.delta:g}")
+
+
+def _privacy_summary(cfg: ExperimentConfig, acc: privacy.Accounting, rounds: int
+                     ) -> dict[str, Any]:
+    p = cfg.privacy
+    return {"epsilon": acc.epsilon(rounds), "delta": p.delta,
+            "noise_multiplier": acc.noise_multiplier, "target_epsilon": p.target_epsilon,
+            "clip_norm": p.clip_norm, "noise": p.noise, "sampling": p.sampling,
+            "clients": acc.clients, "clients_per_round": acc.per_round,
+            "accountant": "dp-accounting RDP"}
 
 
 def _eval_point(exp: ex.Experiment, model, round_: int, generate_now: bool) -> dict[str, Any]:
@@ -327,9 +355,13 @@ def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model = asdict(cfg.model)
     model.pop("device", None)
-    return {"method": cfg.method.name, "method_config": asdict(cfg.method_config()),
-            "seed": cfg.seed, "model": model, "data": asdict(cfg.data),
-            "partition": asdict(cfg.partition)}
+    identity = {"method": cfg.method.name, "method_config": asdict(cfg.method_config()),
+                "seed": cfg.seed, "model": model, "data": asdict(cfg.data),
+                "partition": asdict(cfg.partition)}
+    if cfg.privacy.enabled:  # the noise, and with target_epsilon its scale, depend on these
+        identity["privacy"] = {**asdict(cfg.privacy), "rounds": cfg.federation.rounds
+                               if cfg.privacy.target_epsilon is not None else None}
+    return identity
 
 
 def _aggregate(server, round_: int, uploads: list[Upload], rejected: list[dict[str, Any]],
@@ -395,7 +427,10 @@ SUMMARY_COLUMNS = [
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    return format_table(rows, SUMMARY_COLUMNS)
+    """The run's table; with privacy, epsilon after each round too."""
+    private = any("epsilon" in r for r in rows)
+    return format_table(rows, SUMMARY_COLUMNS + ([("epsilon", "epsilon", ".3g")] if private
+                                                 else []))
 
 
 def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -420,7 +455,10 @@ def summarise(cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float) ->
 def _summary_text(s: dict[str, Any]) -> str:
     before = ", ".join(f"{k} {v:.4f}" for k, v in s["before"].items())
     after = ", ".join(f"{k} {v:.4f}" for k, v in s["after"].items())
-    return (f"\nbefore: {before}\nafter:  {after}\n"
+    eps = s.get("privacy")
+    private = (f"\nprivacy: epsilon {eps['epsilon']:.3g} at delta {eps['delta']:g}, noise "
+               f"multiplier {eps['noise_multiplier']:.4g}" if eps else "")
+    return (f"\nbefore: {before}\nafter:  {after}{private}\n"
             f"wall time {s['wall_time_s']:.0f} s (this run's process), peak memory "
             f"{s['peak_rss_mb']:.0f} MiB, bytes up {s['bytes_up_total']:,}, "
             f"down {s['bytes_down_total']:,}")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from fedtune import wire
-from fedtune.methods import robust
+from fedtune.methods import privacy, robust
 from fedtune.methods.base import (
     FitContext,
     MethodSpec,
@@ -62,9 +62,17 @@ class WeightsServer:
     are taken coordinate-wise over the uploaded tensors (weights, LoRA adapters A and B and the
     head as FedIT averages them, or FedZO's deltas)."""
 
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_server``): the mean of the clipped deltas from
+    the round's global (FedZO: of its deltas), noised in central mode."""
+
     @classmethod
     def robust_refusal(cls, cfg) -> str | None:
         return None  # every upload is a tensor of the same named parameter space
+
+    @classmethod
+    def privacy_refusal(cls, cfg, noise: str) -> str | None:
+        return None  # the deltas of every client live in the one weight space
 
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
                  weighting: str):
@@ -98,6 +106,8 @@ class WeightsServer:
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
         if self.aggregator.robust:
             return self._aggregate_robust(round, uploads)
+        if self.privacy is not None:
+            return self._aggregate_private(round, uploads)
         check_uploads(uploads)
         weights = client_weights(uploads, self.weighting)
         # Uploads are decoded and summed one at a time (memory: one model, not one per client)
@@ -131,6 +141,37 @@ class WeightsServer:
         self.round += 1
         return {}
 
+    def _aggregate_private(self, round: int, uploads: list[Upload]) -> dict[str, float]:
+        """``w + (sum clip(delta_i) + noise) / m`` (``methods.privacy``), one upload at a time:
+        a first pass over its tensors for the norm, a second to add it."""
+        check_uploads(uploads)
+        mech = self.privacy
+        total = {n: torch.zeros_like(t) for n, t in self.weights.items()}
+        for upload in uploads:
+            tensors = decode_upload(upload, lambda p: self.decode(p, round))
+            f = (mech.server_factor(privacy.norm(self._delta(tensors, n) for n in total))
+                 if mech.central else 1.0)
+            for n, t in total.items():
+                t.add_((self._delta(tensors, n) * f).float())
+            del tensors
+        noise = (mech.central_noise(round, [t.shape for t in total.values()]) if mech.central
+                 else None)
+        new = {}
+        for n, t in total.items():
+            if noise is not None:
+                t.add_(next(noise).float())
+            new[n] = self.weights[n] + t / mech.per_round
+            if not torch.isfinite(new[n]).all():
+                raise wire.MessageError(f"the private mean of {n!r} overflows")
+        self.weights = new
+        self.round += 1
+        return {}
+
+    def _delta(self, tensors: Mapping[str, torch.Tensor], n: str) -> torch.Tensor:
+        """Tensor ``n`` of an upload as a float64 delta from the global weights."""
+        t = tensors[n].double()
+        return t if self.uploads_are_deltas else t - self.weights[n].double()
+
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "weights": self.weights}
 
@@ -144,6 +185,9 @@ class WeightsClient:
     """Client that loads the global weights, trains first-order, uploads its weights."""
 
     method_id = METHOD_ID
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_client``): upload the global plus the clipped
+    delta (plus this client's noise in local mode)."""
     upload_prefix = b""
     """Bytes put before the weights in every upload (FeDeRA/FedIT: the frozen base's digest)."""
 
@@ -165,6 +209,35 @@ class WeightsClient:
                 p.copy_(tensors[n])  # to the parameter's device and dtype
         self.round = header.round
 
+    def _global(self, download: bytes) -> Mapping[str, torch.Tensor]:
+        """The global weights of ``download`` (decoded once more, to form the delta)."""
+        _, body = wire.unframe(download, method_id=self.method_id, kind=wire.DOWN)
+        reader = wire.Reader(body)
+        wd = WIRE_DTYPES[self.cfg.wire_dtype]
+        tensors = wire.unpack_tensors(reader, {n: (tuple(p.shape), wd)
+                                               for n, p in self.params.items()})
+        reader.done()
+        return tensors
+
+    def private_upload(self, download: bytes, seed: int, deltas: bool) -> dict[str, torch.Tensor]:
+        """float32 ``global + f x delta`` (``deltas``: ``f x delta``), the delta from the
+        download's global clipped by ``f`` (``methods.privacy``; float64 arithmetic), plus
+        this client's noise in local mode."""
+        mech, g = self.privacy, self._global(download)
+        delta = lambda n: self.params[n].detach().cpu().double() - g[n].double()
+        count = sum(p.numel() for p in self.params.values())
+        f = mech.factor(privacy.norm(delta(n) for n in self.params),
+                        0.0 if deltas else privacy.norm(g.values()), count)
+        noise = (None if mech.central else
+                 mech.local_noise(seed, [tuple(p.shape) for p in self.params.values()]))
+        out = {}
+        for n in self.params:
+            x = delta(n) * f
+            if noise is not None:
+                x += next(noise)
+            out[n] = (x if deltas else x + g[n].double()).float()
+        return out
+
     def fit(self, download: bytes, data, ctx: FitContext) -> bytes:
         self.sync(download)
         with ctx.phase("train"):
@@ -172,8 +245,9 @@ class WeightsClient:
         with ctx.phase("encode"):
             wd = WIRE_DTYPES[self.cfg.wire_dtype]
             # cast on the way to the CPU: no wire-dtype copy of the model on the GPU
-            body = wire.tensor_parts({n: p.detach().to(device="cpu", dtype=wd)
-                                      for n, p in self.params.items()})
+            body = wire.tensor_parts(
+                self.private_upload(download, ctx.seed, deltas=False) if self.privacy
+                else {n: p.detach().to(device="cpu", dtype=wd) for n, p in self.params.items()})
             return wire.frame(self.method_id, wire.UP, ctx.round, [self.upload_prefix, *body])
 
 

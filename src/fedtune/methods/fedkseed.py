@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from fedtune import wire
-from fedtune.methods import robust
+from fedtune.methods import privacy, robust
 from fedtune.methods.base import (
     FitContext,
     MethodSpec,
@@ -260,9 +260,18 @@ class KSeedServer(_Half):
     with K much larger, most honest steps are discarded too. Pro's histories take every
     reported scalar as before (clipped to +-clip)."""
 
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_server``): the mean of the clients' clipped
+    K-vectors of per-seed sums, noised on every seed in central mode. Pro's histories then
+    record each seed's released (noisy) aggregate, not the clients' raw scalars."""
+
     @classmethod
     def robust_refusal(cls, cfg: Config) -> str | None:
         return None  # every client's per-seed sums index the same pool
+
+    @classmethod
+    def privacy_refusal(cls, cfg: Config, noise: str) -> str | None:
+        return None  # the per-seed sums of every client index the same pool
 
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor] | None, run_seed: int,
                  weighting: str):
@@ -303,7 +312,10 @@ class KSeedServer(_Half):
             raise wire.MessageError(f"server is at round {self.round}, asked to aggregate {round}")
         decoded = decode_uploads(uploads, lambda p: decode_upload(
             self.method_id, p, round, self.k, self.pool_id))
-        if self.aggregator.robust:
+        if self.privacy is not None:
+            delta = self.privacy.combine(round, [np.bincount(idx, weights=g, minlength=self.k)
+                                                 for idx, g in decoded])
+        elif self.aggregator.robust:
             sums = np.zeros((len(decoded), self.k), dtype=np.float64)
             for row, (idx, g) in zip(sums, decoded):
                 np.add.at(row, idx, g)
@@ -316,10 +328,13 @@ class KSeedServer(_Half):
                    else np.zeros(0, dtype=np.int64))
         all_g = np.concatenate([g for _, g in decoded]) if decoded else np.zeros(0)
         self.acc += delta
-        self.changed.append(np.unique(all_idx))
-        if self.pro:
-            np.add.at(self.hist_sum, all_idx, np.abs(np.clip(all_g, -self.cfg.clip, self.cfg.clip)))
-            np.add.at(self.hist_count, all_idx, 1)
+        released = np.flatnonzero(delta) if self.privacy is not None else all_idx
+        self.changed.append(np.unique(released))
+        if self.pro:  # under privacy: the released aggregate, not the clients' scalars
+            hist = delta[released] if self.privacy is not None else all_g
+            np.add.at(self.hist_sum, released, np.abs(np.clip(hist, -self.cfg.clip,
+                                                              self.cfg.clip)))
+            np.add.at(self.hist_count, released, 1)
         self.round += 1
         abs_g = np.abs(all_g)
         return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1])),
@@ -345,6 +360,10 @@ class KSeedServer(_Half):
 
 class KSeedClient(_Half):
     """Owns the process's model; see the module docstring for how it tracks its state."""
+
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_client``): upload the clipped per-seed sums (one
+    pair per seed stepped on; in local mode all K, noised) instead of one pair per step."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
         self.cfg, self.model = cfg, model
@@ -454,9 +473,23 @@ class KSeedClient(_Half):
                 ctx.losses.append(res.loss)
                 ctx.on_step(step, res.loss)
         with ctx.phase("encode"):
-            return encode_upload(self.method_id, ctx.round, self.pool_id,
-                                 np.asarray(idx_out, dtype=np.int64),
-                                 np.asarray(g_out, dtype=np.float64))
+            idx, g = np.asarray(idx_out, dtype=np.int64), np.asarray(g_out, dtype=np.float64)
+            if self.privacy is not None:
+                idx, g = self.private_sums(idx, g, ctx.seed)
+            return encode_upload(self.method_id, ctx.round, self.pool_id, idx, g)
+
+    def private_sums(self, idx: np.ndarray, g: np.ndarray, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The per-seed sums of this fit's scalars scaled to the clip norm (``pending`` keeps
+        the unscaled steps the model took), as (indices, sums): the seeds stepped on, or in
+        local mode every seed with this client's noise added."""
+        mech = self.privacy
+        sums = np.bincount(idx, weights=g, minlength=self.k)
+        sums *= mech.factor(privacy.norm([sums]), count=self.k)
+        if mech.central:
+            keep = np.flatnonzero(sums)
+            return keep, sums[keep]
+        return np.arange(self.k), sums + next(mech.local_noise(seed, [(self.k,)])).numpy()
 
 
 class KSeedProServer(KSeedServer):

@@ -13,7 +13,6 @@ model-sized messages this baseline sends anyway).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -67,15 +66,6 @@ class FedZOClient(WeightsClient):
                                  cfg.mode, model)
         self.skipped = 0
 
-    def _global(self, download: bytes) -> Mapping[str, torch.Tensor]:
-        _, body = wire.unframe(download, method_id=self.method_id, kind=wire.DOWN)
-        reader = wire.Reader(body)
-        wd = WIRE_DTYPES[self.cfg.wire_dtype]
-        tensors = wire.unpack_tensors(reader, {n: (tuple(p.shape), wd)
-                                               for n, p in self.params.items()})
-        reader.done()
-        return tensors
-
     def fit(self, download: bytes, data, ctx: FitContext) -> bytes:
         self.sync(download)
         train, task = ctx.train, ctx.task
@@ -92,6 +82,9 @@ class FedZOClient(WeightsClient):
                 ctx.losses.append(res.loss)
                 ctx.on_step(step, res.loss)
         with ctx.phase("encode"):
+            if self.privacy is not None:
+                return wire.frame(self.method_id, wire.UP, ctx.round, wire.pack_tensors(
+                    self.private_upload(download, ctx.seed, deltas=True)))
             wd = WIRE_DTYPES[self.cfg.wire_dtype]
             deltas = self._global(download)
             with torch.no_grad():

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedtune import randomness, wire
-from fedtune.methods import projection, robust
+from fedtune.methods import privacy, projection, robust
 from fedtune.methods.base import (
     FitContext,
     Upload,
@@ -54,6 +54,20 @@ class FerretServer:
                     "federation.aggregator=mean")
         return None
 
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_server``); see :meth:`privacy_refusal`."""
+
+    @classmethod
+    def privacy_refusal(cls, cfg: Config, noise: str) -> str | None:
+        """Reference mode sums every client's clipped coordinates onto the shared (seed,
+        block) table, and central noise goes on every entry of it. Paper mode broadcasts
+        each client's own coordinates in its own bases: there is no aggregate for a server to
+        noise, only local noise (each client noising its coordinates) protects a client."""
+        if cfg.mode == "paper" and noise == "central":
+            return ("Ferret paper mode broadcasts every client's own coordinates, so only "
+                    "privacy.noise=local protects them; or use method.mode=reference")
+        return None
+
     def __init__(self, cfg: Config, initial: Mapping[str, torch.Tensor], run_seed: int,
                  weighting: str):
         self.cfg = cfg
@@ -84,6 +98,8 @@ class FerretServer:
             if refused:
                 raise ValueError(f"federation.aggregator={self.aggregator.name}: {refused}")
             rec, state = self.mode.robust_record(decoded, self.aggregator)
+        elif self.privacy is not None:
+            rec, state = self.mode.private_record(decoded, self.privacy, round)
         else:
             rec, state = self.mode.record(client_weights(uploads, self.weighting), decoded)
         t0 = time.perf_counter()
@@ -115,6 +131,10 @@ class FerretClient:
     simulated client), in their own dtype."""
 
     method_id = METHOD_ID
+    privacy: privacy.Mechanism | None = None
+    """``privacy`` (set by ``experiment.build_client``): bases allocated by block size, not
+    by the update's block norms (counts travel in clear), coordinates clipped (and noised in
+    local mode)."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, run_seed: int):
         self.cfg = cfg
@@ -153,9 +173,10 @@ class FerretClient:
         """Allocation and scaled coordinates of Delta = snapshot - current weights (formed in
         float32 whatever the weights' dtype, one tensor at a time; dot products in float64)."""
         params = list(self.params.values())
-        norms = [math.sqrt(sum(float(torch.linalg.vector_norm(p)) ** 2
-                               for p in self.block_delta(snapshot, params, b)))
-                 for b in range(len(self.layout))]
+        norms = ([math.sqrt(d) for d in self.layout.sizes] if self.privacy is not None else
+                 [math.sqrt(sum(float(torch.linalg.vector_norm(p)) ** 2
+                                for p in self.block_delta(snapshot, params, b)))
+                  for b in range(len(self.layout))])
         counts = self.mode.allocate(norms)
         coords: list[float] = []
         numbers = 0
@@ -169,6 +190,14 @@ class FerretClient:
         self.last_projection = {"numbers": float(numbers), "coordinates": float(len(coords))}
         return counts, coords
 
+    def private_coords(self, coords: list[float], seed: int) -> list[float]:
+        """The coordinates scaled to the clip norm, plus this client's noise in local mode."""
+        mech, x = self.privacy, np.asarray(coords, dtype=np.float64)
+        x = x * mech.factor(privacy.norm([x]), count=len(x))
+        if not mech.central:
+            x = x + next(mech.local_noise(seed, [x.shape])).numpy()
+        return x.tolist()
+
     def fit(self, download: bytes, data, ctx: FitContext) -> bytes:
         with ctx.phase("reconstruct"):
             self.sync(download)
@@ -180,6 +209,8 @@ class FerretClient:
             seed = randomness.derive_seed(ctx.seed, POOL_SALT)
             with ctx.phase("project"):
                 counts, coords = self.project(snapshot, seed)
+                if self.privacy is not None:
+                    coords = self.private_coords(coords, ctx.seed)
         finally:
             with torch.no_grad():  # back to w_r exactly, whatever happened
                 for p, s in zip(params, snapshot):

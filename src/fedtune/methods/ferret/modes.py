@@ -69,6 +69,11 @@ class Mode:
         anything (:meth:`commit` installs the state once the round is accepted)."""
         raise NotImplementedError
 
+    def private_record(self, decoded: Sequence[ClientUpdate], mech, round_: int
+                       ) -> tuple[bytes, Any]:
+        """:meth:`record` for ``privacy``: the fixed-denominator mean (``methods.privacy``)."""
+        raise NotImplementedError
+
     def commit(self, state: Any) -> None:
         pass
 
@@ -138,6 +143,12 @@ class PaperMode(Mode):
         for w, upd in zip(weights, decoded):
             parts.append(struct.pack("<dI", w, len(upd.body)) + upd.body)
         return b"".join(parts), None
+
+    def private_record(self, decoded, mech, round_: int) -> tuple[bytes, Any]:
+        """Local noise only (refused otherwise): each client's noisy coordinates, weight 1/m."""
+        if mech.central:
+            raise ValueError("Ferret paper mode takes privacy.noise=local only")
+        return self.record([1.0 / mech.per_round] * len(decoded), decoded)
 
     def _read(self, r: wire.Reader) -> Terms:
         eta, m = r.unpack("dH")
@@ -223,6 +234,13 @@ class ReferenceMode(Mode):
         place of their weighted sum (``federation.aggregator``)."""
         table = self.table * self.cfg.server_momentum + robust.combine(
             np.stack([self.client_vector(upd) for upd in decoded]), rule)
+        return self._encode(table), table
+
+    def private_record(self, decoded, mech, round_: int) -> tuple[bytes, Any]:
+        """:meth:`record` with the private mean of the clients' table vectors (central: each
+        clipped, noise on every (seed, block) entry)."""
+        table = self.table * self.cfg.server_momentum + mech.combine(
+            round_, [self.client_vector(upd) for upd in decoded])
         return self._encode(table), table
 
     def _encode(self, table: np.ndarray) -> bytes:
