@@ -1,0 +1,217 @@
+"""Client-level differential privacy: utility against epsilon (issue 14).
+
+For each method, one run without noise and without clipping (``privacy.enabled`` with a clip
+norm no update reaches and noise multiplier 0: the same unweighted fixed-denominator mean as the
+private runs, so only clipping and noise differ), which records every client's update norm in
+the space its method sums; the clip norm C of the private runs is the median of those norms
+(the usual DP-FedAvg choice: about half the updates are clipped). Then one run per target
+epsilon at ``delta`` 1e-5 (``privacy.target_epsilon``: the accountant chooses the noise
+multiplier for the planned rounds, with fedtune's fixed-size sampling). Central noise. Results
+are merged into ``benchmarks/privacy.json`` (keyed by setting, method, epsilon) and the whole
+table is rendered to ``benchmarks/privacy.md``::
+
+    flock /tmp/fedtune-bench.lock python benchmarks/bench_privacy.py --setting minilm
+    flock /tmp/fedtune-bench.lock python benchmarks/bench_privacy.py --setting smollm2 \\
+        --methods federa --eps inf 16 1
+
+Settings: ``minilm`` is MiniLM / Rotten Tomatoes classification (the demo's task) on 100 iid
+clients, 10 sampled per round; ``smollm2`` is SmolLM2-135M on the Natural Instructions subset
+(one client per task, the settings of ``bench_ferret.py --part accuracy`` at fewer rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Self
+
+from benchinfo import environment
+
+from fedtune.config import load_config
+from fedtune.engines.inprocess import run
+from fedtune.methods import privacy
+
+HERE = Path(__file__).resolve().parent
+JSON, MD = HERE / "privacy.json", HERE / "privacy.md"
+NI_PATH = "/work/shared/data/natural-instructions"
+NO_CLIP = 1e30
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "minilm": {
+        "model.source": "minilm", "data.source": "rotten_tomatoes",
+        "data.task": "classification", "data.max_length": 48, "eval.max_examples": 400,
+        "eval.batch_size": 100, "output.save_model": False, "partition.scheme": "iid",
+        "partition.num_clients": 100, "federation.clients_per_round": 0.1,
+        "federation.rounds": 5, "train.batch_size": 16,
+    },
+    "smollm2": {
+        "model.source": "smollm2", "data.source": "natural_instructions", "data.path": NI_PATH,
+        "data.task": "instruction", "data.max_length": 128, "partition.scheme": "task",
+        "federation.rounds": 3, "federation.clients_per_round": 0.125,
+        "train.optimizer": "sgd", "train.lr": 0.002, "train.local_steps": 3,
+        "train.batch_size": 2, "eval.max_examples": 32, "eval.batch_size": 16,
+        "eval.generate_every": 0, "eval.generate_examples": 0, "output.save_model": False,
+    },
+}
+METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "minilm": {
+        "federa": {"method.name": "federa", "method.rank": 16, "method.alpha": 32,
+                   "train.optimizer": "adamw", "train.lr": 1e-3, "train.local_steps": 10},
+        "fedkseed": {"method.name": "fedkseed", "method.eta": 1e-4, "method.k": 1024,
+                     "train.local_steps": 100},
+        "ferret-reference": {"method.name": "ferret", "method.mode": "reference",
+                             "train.optimizer": "adamw", "train.lr": 1e-3,
+                             "train.local_steps": 10},
+    },
+    "smollm2": {
+        "federa": {"method.name": "federa", "method.rank": 16, "method.alpha": 32},
+        "fedkseed": {"method.name": "fedkseed"},
+        "ferret-reference": {"method.name": "ferret", "method.mode": "reference"},
+    },
+}
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+class NormLog:
+    """Records the norm and size of every update a client clips (``Mechanism.factor``)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.sizes: set[int] = set()
+        self._orig = privacy.Mechanism.factor
+
+    def __enter__(self) -> Self:
+        log, orig = self, self._orig
+
+        def factor(mech, norm: float, base_norm: float = 0.0, count: int = 0) -> float:
+            log.norms.append(float(norm))
+            log.sizes.add(int(count))
+            return orig(mech, norm, base_norm, count)
+
+        privacy.Mechanism.factor = factor
+        return self
+
+    def __exit__(self, *exc) -> None:
+        privacy.Mechanism.factor = self._orig
+
+
+def run_one(setting: str, method: str, eps: float, clip: float, work: Path,
+            extra: dict[str, Any]) -> dict[str, Any]:
+    opts = {**SETTINGS[setting], **METHODS[setting][method], **extra,
+            "privacy.enabled": True, "privacy.delta": 1e-5, "privacy.clip_norm": clip}
+    if math.isinf(eps):
+        opts["privacy.noise_multiplier"] = 0.0
+    else:
+        opts["privacy.target_epsilon"] = eps
+    cfg = load_config(None, [f"{k}={v}" for k, v in opts.items()])
+    run_dir = work / f"{setting}-{method}-{eps}"
+    t0 = time.perf_counter()
+    with NormLog() as log:
+        rows = run(cfg, run_dir, progress=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    keep = ("round", "accuracy", "eval_loss", "epsilon", "accuracy_majority", "rejected")
+    return {"setting": setting, "method": method, "target_epsilon": eps, "clip_norm": clip,
+            "overrides": [f"{k}={v}" for k, v in opts.items()],
+            "privacy": summary.get("privacy"), "rows": [{k: r[k] for k in keep if k in r}
+                                                          for r in rows],
+            "norms": log.norms, "summed_size": sorted(log.sizes),
+            "clipped": sum(n > clip for n in log.norms) / max(1, len(log.norms)),
+            "wall_s": time.perf_counter() - t0, "loadavg_end": loadavg()}
+
+
+def key(r: dict[str, Any]) -> str:
+    return f"{r['setting']}/{r['method']}/{r['target_epsilon']}"
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(results: dict[str, dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = ["# Client-level differential privacy: utility against epsilon (issue 14)", "",
+             ("Written by `benchmarks/bench_privacy.py` (see its docstring for the method). Each "
+             "method: one run with the privacy machinery on but no clipping and no noise "
+             "(epsilon inf), whose median update norm becomes the clip norm C of the private "
+             "runs; then one run per target epsilon (delta 1e-5, central noise, fedtune's "
+             "fixed-size sampling without replacement, replace-one neighbours; the accountant "
+             "is dp-accounting's RDP). *noise/mean* is the noise's std per coordinate in the "
+             "released mean, `noise_multiplier x C / m`, as a multiple of C; *noise norm / C* "
+             "multiplies it by the square root of the summed space's size: how far the noise "
+             "alone moves the mean, against at most C for the signal."), ""]
+    for setting, common in SETTINGS.items():
+        rs = [r for r in results.values() if r["setting"] == setting]
+        if not rs:
+            continue
+        over = [o for o in rs[0]["overrides"] if o.split("=")[0] in common]
+        maj = rs[0]["rows"][0].get("accuracy_majority")
+        lines += [f"## {setting}", "", "Settings: `" + " ".join(over) + "`"
+                  + (f"; majority label's share of the held-out set: {maj:.3f}" if maj else "")
+                  + ".", "",
+                  ("| method | target eps | eps reached | noise mult. | C | clipped | summed size"
+                  " | noise/mean (x C) | noise norm / C | metric by round (0 = before) | final |"
+                  " run s | load at end |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        metric = "accuracy" if "accuracy" in rs[0]["rows"][-1] else "eval_loss"
+        for r in sorted(rs, key=lambda r: (r["method"], -r["target_epsilon"])):
+            p = r["privacy"] or {}
+            nm, m = p.get("noise_multiplier", 0.0), p.get("clients_per_round", 1)
+            size = max(r["summed_size"]) if r["summed_size"] else 0
+            clip = "none" if r["clip_norm"] >= NO_CLIP else f"{r['clip_norm']:.4g}"
+            per = nm / m
+            by_round = ", ".join(fmt(row.get(metric), ".3f") for row in r["rows"])
+            lines.append(
+                f"| {r['method']} | {r['target_epsilon']:g} | {fmt(p.get('epsilon'), '.3g')} | "
+                f"{nm:.3g} | {clip} | {r['clipped']:.0%} | {size:,} | {per:.3g} | "
+                f"{per * math.sqrt(size):.3g} | {by_round} | "
+                f"{fmt(r['rows'][-1].get(metric), '.3f')} | {r['wall_s']:.0f} | "
+                f"{r['loadavg_end'].split()[0]} |")
+        lines += ["", f"Metric: held-out {metric}. Median client update norm of the no-noise "
+                  "run per method: " + "; ".join(
+                      f"{r['method']} {statistics.median(r['norms']):.4g}" for r in rs
+                      if r["clip_norm"] >= NO_CLIP and r["norms"]) + ".", ""]
+    lines += [(f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, commit "
+              f"{env['fedtune_commit']}; /proc/loadavg at the start of the last command "
+              f"`{env['loadavg_start']}`."), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", choices=list(SETTINGS), default="minilm")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--eps", nargs="+", type=float, default=[math.inf, 16, 4, 1])
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
+    args = p.parse_args(argv)
+    extra = dict(o.split("=", 1) for o in args.set)
+    env = environment()
+    env["loadavg_start"] = loadavg()
+    results = json.loads(JSON.read_text())["results"] if JSON.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods or list(METHODS[args.setting]):
+            base = run_one(args.setting, method, math.inf, NO_CLIP, Path(tmp), extra)
+            results[key(base)] = base
+            clip = statistics.median(base["norms"])
+            print(f"{method} eps inf: {base['rows'][-1]}, median norm {clip:.4g}", flush=True)
+            for eps in (e for e in args.eps if not math.isinf(e)):
+                r = run_one(args.setting, method, eps, clip, Path(tmp), extra)
+                results[key(r)] = r
+                print(f"{method} eps {eps:g}: {r['rows'][-1]}", flush=True)
+                JSON.write_text(json.dumps({"environment": env, "results": results},
+                                           indent=1) + "\n")
+            JSON.write_text(json.dumps({"environment": env, "results": results}, indent=1)
+                            + "\n")
+            MD.write_text(render(results, env))
+    MD.write_text(render(results, env))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
