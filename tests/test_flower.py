@@ -36,9 +36,11 @@ pytest.importorskip("flwr")
 
 def _cfg(data: Path, runs: Path, **extra):
     base = {"partition.num_clients": 3, "federation.clients_per_round": 1.0,
-            "federation.round_timeout": 120, "method.name": "ferret", "method.k": 64,
+            "federation.round_timeout": 120, "method.name": "ferret",
             "eval.generate_examples": 2}
     base.update(extra)
+    if base["method.name"] in ("ferret", "fedkseed", "fedkseed_pro"):  # FedAvg has no k
+        base.setdefault("method.k", 64)
     return load_config(BASE, tiny_overrides(data, runs, **base))
 
 

@@ -27,7 +27,7 @@ from .conftest import BASE, tiny_overrides
 
 pytest.importorskip("flwr")
 
-CLIP = {"fedavg": (1.0, 2**22), "fedkseed": (64.0, 2**26)}
+CLIP = {"fedavg": (1.0, 2**22), "fedkseed": (64.0, 2**26), "ferret": (16.0, 2**26)}
 """method -> (secagg_clipping_range, secagg_quantization_range) of these tests"""
 
 
@@ -38,8 +38,10 @@ def _cfg(data: Path, runs: Path, method: str, secure: bool, **extra):
             "eval.generate": False, "federation.secure_aggregation": secure,
             "federation.secagg_num_shares": 3, "federation.secagg_reconstruction_threshold": 2,
             "federation.secagg_clipping_range": clip, "federation.secagg_quantization_range": q}
-    if method == "fedkseed":
+    if method in ("fedkseed", "ferret"):
         base["method.k"] = 64
+    if method == "ferret":
+        base["method.mode"] = "reference"
     base.update(extra)
     return load_config(BASE, tiny_overrides(data, runs, **base))
 
@@ -50,11 +52,13 @@ def _bound(method: str, n: int, weight_sum: float = 1.0) -> float:
 
 
 def _aggregate(run_dir: Path, method: str) -> torch.Tensor:
-    """What the server aggregated: FedKSeed's per-seed accumulated scalars, FedAvg's weights."""
-    if method == "fedkseed":
+    """What the server aggregated: FedKSeed's per-seed accumulated scalars, Ferret's (seed,
+    block) table (reference mode), FedAvg's weights."""
+    if method in ("fedkseed", "ferret"):
         from fedtune.runlog import RunLog
 
-        return RunLog(run_dir).load_checkpoint()["server"]["acc"].double()
+        server = RunLog(run_dir).load_checkpoint()["server"]
+        return server["acc" if method == "fedkseed" else "table"].double()
     model = load_file(run_dir / "model.safetensors")
     return torch.cat([model[k].double().flatten() for k in sorted(model)])
 
@@ -65,6 +69,8 @@ def _w0(cfg, method: str) -> torch.Tensor:
 
     if method == "fedkseed":
         return torch.zeros(64, dtype=torch.float64)
+    if method == "ferret":  # the table starts at zero
+        return torch.zeros((), dtype=torch.float64)
     state = trainable_state(ex.build_model(ex.setup(cfg, client_ids=[])))
     return torch.cat([state[k].double().flatten() for k in sorted(state)])
 
@@ -113,20 +119,16 @@ def test_in_process_engine_refuses_secure_aggregation(jsonl_data, tmp_path):
 
 @pytest.fixture
 def federation(tmp_path):
-    from fedtune.engines.flower.launch import LocalFederation
+    from .flower_support import running_federation
 
-    fed = LocalFederation(tmp_path / "fed", [0, 1, 2])
-    try:
-        yield fed.start()
-    finally:
-        fed.stop()
-        assert all(p.poll() is not None for p in fed._all)
+    with running_federation(tmp_path / "fed", [0, 1, 2]) as fed:
+        yield fed
 
 
 @pytest.mark.slow
 def test_secure_aggregate_equals_plain_within_the_fixed_point_bound(jsonl_data, tmp_path,
                                                                     federation):
-    for method in ("fedkseed", "fedavg"):
+    for method in ("fedkseed", "fedavg", "ferret"):
         secure = _cfg(jsonl_data, tmp_path, method, True)
         plain = _cfg(jsonl_data, tmp_path, method, False)
         rows = federation.run(secure, tmp_path / method / "secure", timeout=600)

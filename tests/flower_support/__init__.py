@@ -4,6 +4,8 @@ engine apart from anything the network layer does."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedtune import experiment as ex
@@ -33,3 +35,17 @@ def per_client_run(cfg: ExperimentConfig, run_dir: Path,
     server = ex.build_server(exp, ex.build_model(exp))
     evaluator = ex.build_client(exp, ex.build_model(exp))
     return federate(exp, server, evaluator, transport(exp), run_dir, out=Progress(False))
+
+
+@contextmanager
+def running_federation(workdir: Path, partitions: list[int], **kw) -> Iterator:
+    """A started ``LocalFederation`` on 127.0.0.1; every process it started is stopped when the
+    block ends, pass or fail, and checked to be gone."""
+    from fedtune.engines.flower.launch import LocalFederation
+
+    fed = LocalFederation(workdir, partitions, **kw)
+    try:
+        yield fed.start()
+    finally:
+        fed.stop()
+        assert all(p.poll() is not None for p in fed._all)
