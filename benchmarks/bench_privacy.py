@@ -216,23 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     env["loadavg_start"] = loadavg()
     results = json.loads(JSON.read_text())["results"] if JSON.exists() else {}
+    def record(r: dict[str, Any]) -> None:  # every run is kept as soon as it ends
+        results[key(r)] = r
+        JSON.write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")
+        MD.write_text(render(results, env))
+
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods or list(METHODS[args.setting]):
             base = run_one(args.setting, method, math.inf, NO_CLIP, Path(tmp), extra)
-            results[key(base)] = base
+            record(base)
             clip = statistics.median(base["norms"])
             print(f"{method} eps inf: {base['rows'][-1]}, median norm {clip:.4g}", flush=True)
             for eps in (e for e in args.eps if not math.isinf(e)):
                 r = run_one(args.setting, method, eps, clip, Path(tmp), extra)
-                results[key(r)] = r
+                record(r)
                 print(f"{method} eps {eps:g}: {r['rows'][-1]}", flush=True)
-                JSON.write_text(json.dumps({"environment": env, "results": results},
-                                           indent=1) + "\n")
-            JSON.write_text(json.dumps({"environment": env, "results": results}, indent=1)
-                            + "\n")
-            MD.write_text(render(results, env))
-    MD.write_text(render(results, env))
-
 
 if __name__ == "__main__":
     sys.exit(main())
