@@ -21,7 +21,8 @@ Three modes trade memory, time and exactness:
   rounds, so the weights drift by a few ulps per step (harmless in float32, not in 16-bit,
   where the step refuses to run).
 * ``keep``: as ``inplace`` but ``z`` generated once per step into a model-sized float32 buffer
-  (one extra model of memory, one generation per step).
+  (one extra model of memory, one generation per step); each move rounds as the fused kernel
+  does, so ``keep`` and ``inplace`` give the same bits.
 
 All modes use the same directions (shared randomness v3 gives every entry the same value however
 it is generated), so they train the same model up to float rounding.
@@ -38,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from fedtune.randomness import Distribution, add_directions_, add_streams_, fill_
@@ -146,11 +148,17 @@ class ZOStepper:
         self.eps, self.eta, self.dist, self.mode = eps, eta, dist, mode
         self.perturber = Perturber(model, self.params, dist) if mode == "onthefly" else None
         self._z: list[torch.Tensor] | None = None  # keep mode: the step's direction
+        self._scratch: dict[torch.device, torch.Tensor] = {}  # keep mode: alpha * z
 
     def _move(self, seed: int, alpha: float) -> None:
         if self.mode == "keep":
+            # round(w + round(a z)), as the fused kernel rounds; p.add_(z, alpha=a) may use a
+            # fused multiply-add on some CPUs, and then keep and inplace would part by an ulp.
+            a = float(np.float32(alpha))
             for p, z in zip(self.params, self._z):
-                p.add_(z, alpha=alpha)
+                step = self._scratch[p.device][: p.numel()].view_as(p)
+                torch.mul(z, a, out=step)
+                p.add_(step)
         else:
             add_directions_(self.params, [(seed, alpha)], self.dist)
 
@@ -158,6 +166,9 @@ class ZOStepper:
         if self._z is None:
             self._z = [torch.empty(p.shape, dtype=torch.float32, device=p.device)
                        for p in self.params]
+            self._scratch = {d: torch.empty(max(p.numel() for p in self.params if p.device == d),
+                                            dtype=torch.float32, device=d)
+                             for d in {p.device for p in self.params}}
         for i, z in enumerate(self._z):
             fill_(z, seed, self.dist, index=i)
 
