@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/fedtune run
 
+# Two pytest-xdist workers, a file each (a file's federation fixture starts once): the real-process
+# Flower tests spend much of their time waiting on polls, which the other worker's tests fill.
 test: setup
-	HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
