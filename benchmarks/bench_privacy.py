@@ -56,8 +56,10 @@ FINDINGS = """\
   FedKSeed does not learn on this classification task within a budget this machine can run (a
   pilot, 100 clients, 10 per round, 2 rounds of 100 zeroth-order steps: accuracy 0.5825 before,
   0.5775 at eta 1e-5 and 0.5725 at eta 1e-4, 830-960 s per run), and Ferret reference mode at
-  AdamW 1e-3, 10 steps, server_lr 1 stayed at the majority share (0.555 after 2 rounds, 291 s).
-  Their rows, and the SmolLM2 / NI rows (`--setting smollm2`), are still to be run.
+  AdamW 1e-3, 10 steps, server_lr 1 stayed at the majority share (0.555 after 2 rounds, 291 s);
+  with the authors' server_lr 10 (`--methods ferret-reference --eps inf --set
+  method.server_lr=10`, 5 rounds, no noise) it diverged: accuracy 0.445, eval loss 1.18, the
+  clients' median update norm in the (seed, block) space 783. Their rows, and the SmolLM2 / NI rows (`--setting smollm2`), are still to be run.
 * Clipping at the median norm clips 52-66% of the updates (the share grows as the noise
   pushes the model away and the updates grow).
 """
