@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -161,18 +160,14 @@ def test_client_dropping_after_the_keys_are_shared(jsonl_data, tmp_path, federat
     from fedtune import experiment as ex
     from fedtune.engines.rounds import Progress, federate
 
-    from .flower_support import PerClientTransport
+    from .flower_support import PerClientTransport, until_logged
 
     cfg = _cfg(jsonl_data, tmp_path, "fedavg", True, **{
         "federation.min_clients": 2, "federation.round_timeout": 60, "train.local_steps": 20})
     run_dir = tmp_path / "dropped"
     run_id = federation.submit(cfg, run_dir)
     victim = federation.nodes[2]
-    log = federation.logs / "worker2.log"
-    deadline = time.monotonic() + 300
-    while "SecAgg+ round 1: client 2 trains" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.02)
+    until_logged(federation.logs / "worker2.log", "SecAgg+ round 1: client 2 trains", run_dir)
     federation.kill_node(victim, signal.SIGKILL)
     rows = federation.wait(run_id, run_dir, timeout=600)
     assert [(r["clients"], r["dropped"]) for r in rows[1:]] == [([0, 1], [2])]

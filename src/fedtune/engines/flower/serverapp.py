@@ -99,14 +99,17 @@ class FlowerTransport:
 
     # --- which node serves which client -------------------------------------------------------
 
-    def _ask(self, node_ids: Iterable[int], timeout: float) -> None:
+    def _ask(self, node_ids: Iterable[int], timeout: float) -> set[int]:
+        """Ask ``node_ids`` for their partition; returns the nodes that answered in time."""
         msgs = [Message(pack(None), dst_node_id=n, message_type=MessageType.QUERY,
                         group_id="handshake") for n in node_ids]
         if not msgs:
-            return
-        self.asked.update(node_ids)  # asked once: a node that fails or hangs is not re-asked
+            return set()
+        self.asked.update(node_ids)  # asked once, but see discover for slow first answers
+        answered = set()
         for reply in exchange(self.grid, msgs, timeout):
             node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
                 self.out.line(f"flower: node {node} failed the handshake: "
                               f"{reply.error.reason}")
@@ -126,16 +129,22 @@ class FlowerTransport:
                                   f"(gone) to node {node}")
                 self.node_of[cid] = node
                 self.examples[cid] = int(meta.get("examples", 0))
+        return answered
 
     def discover(self, wait: float = 0.0) -> None:
         """Ask nodes not asked yet for their partition; with ``wait``, keep asking until every
-        client has a node or ``wait`` seconds have passed."""
+        client has a node or ``wait`` seconds have passed. Within ``wait``, a node that did not
+        answer in time is asked again (its first answer can take long: the ClientApp builds
+        its experiment first, which on a loaded machine took over 15 s); after it, a node
+        that hangs is not re-asked, so it cannot cost every round a timeout."""
         deadline = time.monotonic() + wait
         n = len(self.exp.clients)
         while True:
             self.live = set(self.grid.get_node_ids())
             new = [x for x in self.live if x not in self.asked]
-            self._ask(new, timeout=max(self.cfg.federation.round_timeout, 5.0))
+            answered = self._ask(new, timeout=max(self.cfg.federation.round_timeout, 5.0))
+            if time.monotonic() < deadline:
+                self.asked -= set(new) - answered
             if len(self.node_of) >= n or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
