@@ -59,7 +59,8 @@ FINDINGS = """\
   AdamW 1e-3, 10 steps, server_lr 1 stayed at the majority share (0.555 after 2 rounds, 291 s);
   with the authors' server_lr 10 (`--methods ferret-reference --eps inf --set
   method.server_lr=10`, 5 rounds, no noise) it diverged: accuracy 0.445, eval loss 1.18, the
-  clients' median update norm in the (seed, block) space 783. Their rows, and the SmolLM2 / NI rows (`--setting smollm2`), are still to be run.
+  clients' median update norm in the (seed, block) space 783. Their rows, and the SmolLM2 / NI
+  rows (`--setting smollm2`), are still to be run.
 * Clipping at the median norm clips 52-66% of the updates (the share grows as the noise
   pushes the model away and the updates grow).
 """

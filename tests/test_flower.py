@@ -176,8 +176,8 @@ class FakeGrid:
 
 def test_a_node_slow_on_its_first_answer_is_asked_again_within_node_wait(jsonl_data, tmp_path):
     """Node 101 does not answer its first handshake in time (as a ClientApp still building its
-    experiment, or compiling kernels on a fresh install): within node_wait it is asked again and
-    found; with node_wait 0 it is left out and not asked again by the next round's discover."""
+    experiment on a loaded machine): within node_wait it is asked again and found; with
+    node_wait 0 it is left out and not asked again by the next round's discover."""
     from fedtune import experiment as ex
     from fedtune.engines.flower import serverapp
     from fedtune.engines.rounds import Progress
