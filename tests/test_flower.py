@@ -464,8 +464,10 @@ def test_supernode_killed_mid_round(jsonl_data, tmp_path, federation):
     from .flower_support import PerClientTransport, until_logged
 
     fed = federation([0, 1, 2])
+    # round_timeout 45: on a loaded 2-core CI machine a worker's first round (building its half,
+    # 10 local steps) took over 15 s, so client 0 was dropped from round 1 too
     cfg = _cfg(jsonl_data, tmp_path, **{
-        "method.name": "ferret", "federation.min_clients": 2, "federation.round_timeout": 15,
+        "method.name": "ferret", "federation.min_clients": 2, "federation.round_timeout": 45,
         "train.local_steps": 10})
     run_dir = tmp_path / "killed"
     run_id = fed.submit(cfg, run_dir)
