@@ -26,7 +26,7 @@ from .conftest import BASE, tiny_overrides
 
 pytest.importorskip("flwr")
 
-CLIP = {"fedavg": (1.0, 2**22), "fedkseed": (64.0, 2**26), "ferret": (16.0, 2**26)}
+CLIP = {"fedavg": (1.0, 2**22), "fedkseed_pro": (64.0, 2**26), "ferret": (16.0, 2**26)}
 """method -> (secagg_clipping_range, secagg_quantization_range) of these tests"""
 
 
@@ -37,7 +37,7 @@ def _cfg(data: Path, runs: Path, method: str, secure: bool, **extra):
             "eval.generate": False, "federation.secure_aggregation": secure,
             "federation.secagg_num_shares": 3, "federation.secagg_reconstruction_threshold": 2,
             "federation.secagg_clipping_range": clip, "federation.secagg_quantization_range": q}
-    if method in ("fedkseed", "ferret"):
+    if method in ("fedkseed_pro", "ferret"):
         base["method.k"] = 64
     if method == "ferret":
         base["method.mode"] = "reference"
@@ -50,14 +50,18 @@ def _bound(method: str, n: int, weight_sum: float = 1.0) -> float:
     return n * 2 * clip / q / weight_sum
 
 
-def _aggregate(run_dir: Path, method: str) -> torch.Tensor:
-    """What the server aggregated: FedKSeed's per-seed accumulated scalars, Ferret's (seed,
-    block) table (reference mode), FedAvg's weights."""
-    if method in ("fedkseed", "ferret"):
-        from fedtune.runlog import RunLog
+def _server_state(run_dir: Path) -> dict:
+    from fedtune.runlog import RunLog
 
-        server = RunLog(run_dir).load_checkpoint()["server"]
-        return server["acc" if method == "fedkseed" else "table"].double()
+    return RunLog(run_dir).load_checkpoint()["server"]
+
+
+def _aggregate(run_dir: Path, method: str) -> torch.Tensor:
+    """What the server aggregated: FedKSeed-Pro's per-seed accumulated scalars, Ferret's (seed,
+    block) table (reference mode), FedAvg's weights."""
+    if method in ("fedkseed_pro", "ferret"):
+        server = _server_state(run_dir)
+        return server["acc" if method == "fedkseed_pro" else "table"].double()
     model = load_file(run_dir / "model.safetensors")
     return torch.cat([model[k].double().flatten() for k in sorted(model)])
 
@@ -66,7 +70,7 @@ def _w0(cfg, method: str) -> torch.Tensor:
     from fedtune import experiment as ex
     from fedtune.methods.base import trainable_state
 
-    if method == "fedkseed":
+    if method == "fedkseed_pro":
         return torch.zeros(64, dtype=torch.float64)
     if method == "ferret":  # the table starts at zero
         return torch.zeros((), dtype=torch.float64)
@@ -79,7 +83,10 @@ def _w0(cfg, method: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("extra, message", [
     ({"method.name": "ferret", "method.mode": "paper"}, "its own random bases"),
-    ({"method.name": "fedkseed_pro"}, "importance histories"),
+    ({"method.name": "fedkseed_pro", "federation.secagg_clipping_range": 0.5},
+     "must be at least 1 for fedkseed_pro"),
+    ({"method.name": "fedkseed_pro", "federation.secagg_quantization_range": 2**7},
+     "too coarse for fedkseed_pro's step counts"),
     ({"federation.aggregator": "median"}, "needs each client's upload"),
     ({"method.name": "fedavg", "privacy.enabled": True, "privacy.noise_multiplier": 1.0},
      "bypasses the server's clipping and central noise"),
@@ -129,7 +136,7 @@ def test_secure_aggregate_equals_plain_within_the_fixed_point_bound(jsonl_data, 
                                                                     federation):
     from .flower_support import per_client_run
 
-    for method in ("fedkseed", "fedavg", "ferret"):
+    for method in ("fedkseed_pro", "fedavg", "ferret"):
         secure = _cfg(jsonl_data, tmp_path, method, True)
         plain = _cfg(jsonl_data, tmp_path, method, False)
         rows = federation.run(secure, tmp_path / method / "secure", timeout=600)
@@ -149,6 +156,14 @@ def test_secure_aggregate_equals_plain_within_the_fixed_point_bound(jsonl_data, 
         # the server saw no upload: only masked vectors, at least 8 B per summed coordinate
         n_coords = got.numel()
         assert rows[1]["bytes_up_per_client"] > 8 * n_coords
+        if method == "fedkseed_pro":  # and the histories: exact counts, sums within the bound
+            a, b = _server_state(tmp_path / method / "secure"), _server_state(
+                tmp_path / method / "plain")
+            assert torch.equal(a["hist_count"], b["hist_count"])
+            assert (a["hist_count"] > 1).any()
+            steps = plain.train.local_steps
+            gap = (a["hist_sum"] - b["hist_sum"]).abs().max().item()
+            assert gap <= _bound(method, 3) * steps + 1e-9, gap
 
 
 @pytest.mark.slow
@@ -195,21 +210,23 @@ def test_client_dropping_after_the_keys_are_shared(jsonl_data, tmp_path, federat
 
 @pytest.mark.parametrize("method, extra", [
     ("fedavg", {}), ("fedzo", {}), ("fedit", {}), ("federa", {}),
-    ("fedkseed", {"method.k": 16}),
+    ("fedkseed", {"method.k": 16}), ("fedkseed_pro", {"method.k": 16, "method.clip": 2.0}),
     ("ferret", {"method.mode": "reference", "method.pool_size": 8, "method.server_rebuild": True}),
 ])
 def test_mean_of_the_vectors_advances_the_server_as_its_aggregate(jsonl_data, tmp_path, method,
                                                                   extra):
-    """For every summable method, ``apply_mean`` on the exact weighted mean of the clients'
+    """For every summable method, ``apply_mean`` on the exact sum of the clients' masked
     vectors gives the server the state its own ``aggregate`` gives it from the uploads (so the
-    secure path differs from the plain one only by SecAgg+'s fixed-point rounding)."""
+    secure path differs from the plain one only by SecAgg+'s fixed-point rounding).
+    FedKSeed-Pro's clip 2 is below some of its scalars, so the clipped magnitudes are what
+    its histories sum."""
     import copy
 
     import numpy as np
 
     from fedtune import experiment as ex
     from fedtune.engines.rounds import fit_client
-    from fedtune.methods import secure
+    from fedtune.methods import fedkseed, secure
     from fedtune.methods.base import Upload, client_weights
 
     cfg = load_config(BASE, tiny_overrides(jsonl_data, tmp_path, **{
@@ -224,21 +241,29 @@ def test_mean_of_the_vectors_advances_the_server_as_its_aggregate(jsonl_data, tm
             half = ex.build_client(exp, ex.build_model(exp))
             res = fit_client(exp, half, r, cid, down)
             uploads.append(Upload(cid, res.num_examples, res.payload))
-            vectors.append(secure.client_vector(half, down, res.payload, r))
+            vectors.append(secure.client_vector(half, down, res.payload, r,
+                                                cfg.train.local_steps))
         assert all(v.values.shape == (secure.size(server),) for v in vectors)
         weights = client_weights(uploads, cfg.federation.weighting)
-        mean = sum(w * v.values for w, v in zip(weights, vectors))
+        total = sum(v.masked(w) for w, v in zip(weights, vectors))
+        summed = secure.split(server, total, sum(weights), cfg.train.local_steps)
+        mean = summed.mean
         plain = copy.deepcopy(server)
         plain.aggregate(r, uploads)
-        secure.apply_mean(server, r, mean, [v.digest for v in vectors])
+        secure.apply_mean(server, r, summed, [v.digest for v in vectors])
         a, b = plain.state_dict(), server.state_dict()
         assert a.keys() == b.keys() and a["round"] == b["round"] == r + 1
         for key in a:
             _close(a[key], b[key], f"{method} round {r + 1} {key}")
-        if method == "fedkseed":  # the touched seeds, for sparse downloads
+        if method.startswith("fedkseed"):  # the touched seeds, for sparse downloads
             assert [set(c.tolist()) for c in a["changed"]] == [
                 set(c.tolist()) for c in b["changed"]]
     assert np.abs(mean).max() > 0
+    if method == "fedkseed_pro":  # the histories moved, and some scalars were clipped
+        all_g = np.concatenate([fedkseed.decode_upload(server.method_id, u.payload, 1, 16,
+                                                       server.pool_id)[1] for u in uploads])
+        assert (np.abs(all_g) > 2).any() and (np.abs(all_g) < 2).any()
+        assert server.hist_count.sum() > 16 and server.hist_sum.max() > 0
 
 
 def _close(a, b, what: str) -> None:
@@ -272,7 +297,7 @@ def test_clients_on_different_frozen_bases_are_refused(jsonl_data, tmp_path):
     exp = ex.setup(cfg, client_ids=[])
     server = ex.build_server(exp, ex.build_model(exp))
     before = {n: t.clone() for n, t in server.weights.items()}
-    mean = np.full(secure.size(server), 1e-3)
+    mean = secure.Sum(np.full(secure.size(server), 1e-3))
     with pytest.raises(MessageError, match="frozen base weights differ"):
         secure.apply_mean(server, 0, mean, ["aa" * 32, "bb" * 32])
     assert server.round == 0 and all(torch.equal(before[n], server.weights[n]) for n in before)

@@ -130,9 +130,9 @@ class FederationConfig:
     secure_aggregation: bool = False
     """Flower only: the server learns only the weighted sum of the round's uploads, through
     Flower's SecAgg+ (each client masks a fixed-point encoding of its upload in the space the
-    method sums; see ``engines/flower/secagg.py``). For fedavg, fedit, federa, fedzo, fedkseed
-    and ferret in reference mode, with ``aggregator: mean``; the in-process engine refuses
-    it. ``round_timeout`` then bounds each of SecAgg+'s four exchanges."""
+    method sums; see ``engines/flower/secagg.py``). For fedavg, fedit, federa, fedzo, fedkseed,
+    fedkseed_pro and ferret in reference mode, with ``aggregator: mean``; the in-process engine
+    refuses it. ``round_timeout`` then bounds each of SecAgg+'s four exchanges."""
     secagg_num_shares: float = 1.0
     """SecAgg+: shares of each client's secret keys: at most 1, a fraction of the round's
     clients; above 2, a count (rounded up to an odd number)."""
@@ -608,6 +608,15 @@ def _validate_secagg(cfg: ExperimentConfig) -> None:
     why = refusal(cfg.method.name, cfg.method_config())
     _require(why is None, f"federation.secure_aggregation is not available for "
              f"method.name={cfg.method.name}: {why}")
+    if cfg.method.name == "fedkseed_pro":  # its step counts are sent divided by local_steps
+        n, c, steps = cfg.partition.num_clients, f.secagg_clipping_range, cfg.train.local_steps
+        _require(c >= 1, f"federation.secagg_clipping_range: {c} must be at least 1 for "
+                 "fedkseed_pro (its step counts are sent as fractions of train.local_steps)")
+        _require(4 * n * c * steps < q, f"federation.secagg_quantization_range: {q} levels "
+                 f"are too coarse for fedkseed_pro's step counts: {n} clients x 2 x "
+                 f"secagg_clipping_range {c:g} / levels x train.local_steps {steps} must stay "
+                 f"below 0.5 (raise the levels to above {4 * n * c * steps:.0f} or lower the "
+                 "clipping range)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -80,8 +80,9 @@ class ClientResult:
 class SecureSum:
     """What a transport with secure aggregation learns in a round instead of the uploads."""
 
-    mean: Any
-    """The weighted mean of the clients' vectors (``methods.secure``), a float64 array."""
+    aggregate: Any
+    """``methods.secure.Sum``: the weighted mean of the clients' vectors (and FedKSeed-Pro's
+    history sums)."""
     clients: list[int]
     """The clients whose vectors are in it."""
     digests: list[str] = field(default_factory=list)
@@ -397,7 +398,7 @@ def _aggregate_secure(server, round_: int, summed: SecureSum, sampled: int,
             f"round {round_ + 1}: only {len(summed.clients)} of {sampled} clients are in the "
             f"secure sum (federation.min_clients = {min_clients}); the checkpoint of round "
             f"{round_} is kept, resume when clients are back")
-    return secure.apply_mean(server, round_, summed.mean, summed.digests), set(summed.clients)
+    return secure.apply_mean(server, round_, summed.aggregate, summed.digests), set(summed.clients)
 
 
 def _describe(row: dict[str, Any]) -> str:

@@ -163,8 +163,9 @@ def secure_train(msg: Message, context: Context) -> Message:
     if res.error is not None:
         raise RuntimeError(f"client {cid}: {res.error}")
     with_t = time.perf_counter()
-    vec = secure.client_vector(half.client, down, res.payload, r)
-    weighted = vec.values * float(conf["weight"])
+    vec = secure.client_vector(half.client, down, res.payload, r,
+                               half.exp.cfg.train.local_steps)
+    weighted = vec.masked(float(conf["weight"]))
     clipped = int((abs(weighted) > float(conf["clip"])).sum())
     timings = {**res.timings, "secure_encode": time.perf_counter() - with_t}
     return secagg.fit_reply(msg, weighted, {

@@ -235,6 +235,7 @@ class FlowerTransport:
         """The round through Flower's SecAgg+ (``secagg.py``): every client gets the full-state
         download and its weight; what comes back is the sum of the weighted vectors."""
         from fedtune.engines.flower import secagg
+        from fedtune.methods import secure
 
         f = self.cfg.federation
         t0 = time.perf_counter()
@@ -280,7 +281,9 @@ class FlowerTransport:
                               f"{outcome.up_bytes.get(node, 0):,} B  down {len(down):,} B")
             clients = [res.client_id for res in results]
             weight_sum = sum(weight[c] for c in clients)
-            self.sums[round_] = SecureSum(outcome.total / weight_sum, clients, [
+            aggregate = secure.split(self.server, outcome.total, weight_sum,
+                                     self.cfg.train.local_steps)
+            self.sums[round_] = SecureSum(aggregate, clients, [
                 str(outcome.metrics[self.node_of[c]]["digest"]) for c in clients])
             if info["clipped"]:
                 self.out.line(f"round {round_ + 1}: {info['clipped']} coordinates were clipped "
