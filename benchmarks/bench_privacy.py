@@ -16,7 +16,10 @@ table is rendered to ``benchmarks/privacy.md``::
 
 Settings: ``minilm`` is MiniLM / Rotten Tomatoes classification (the demo's task) on 100 iid
 clients, 10 sampled per round; ``smollm2`` is SmolLM2-135M on the Natural Instructions subset
-(one client per task, the settings of ``bench_ferret.py --part accuracy`` at fewer rounds).
+(one client per training task, 6 of the 48 per round, 3 rounds). FedKSeed runs there with a
+pool of K = 256 seeds: central noise goes on every seed, so each sync rebuilds all K
+directions (K x 134.5M Gaussian entries; at the default K = 4096 that is minutes per sync on
+this machine), and the noise's norm grows as sqrt(K).
 """
 
 from __future__ import annotations
@@ -42,26 +45,55 @@ JSON, MD = HERE / "privacy.json", HERE / "privacy.md"
 NI_PATH = "/work/shared/data/natural-instructions"
 NO_CLIP = 1e30
 FINDINGS = """\
-* **A federation of 10 clients per round cannot buy useful privacy for FeDeRA here.** Without
-  noise FeDeRA reaches 0.795 (majority 0.555); at epsilon 16 the calibrated noise multiplier is
-  0.92, so the noise per coordinate of the mean is 0.092 C, but over the 148,226 summed
-  coordinates (rank-16 adapters and the head) its norm is 35 C against at most C of signal: the
-  accuracy stays at the majority share (0.542, 0.532, 0.470 at epsilon 16, 4, 1). The noise norm
-  falls as 1 / m: the same epsilon with about 35x the clients per round (hundreds, at the same
-  sampling rate) would bring it to about C, which is why DP-FedAvg results use thousands of
-  clients.
-* **Seed-based methods are the cheaper place for DP**: their summed space is K (FedKSeed: the
-  per-seed sums, 1,024 to 4,096) or the (seed, block) table, not the adapter, so at the same
-  noise multiplier the noise norm is sqrt(148,226 / 4,096) = 6x smaller. Not measured here:
-  FedKSeed does not learn on this classification task within a budget this machine can run (a
-  pilot, 100 clients, 10 per round, 2 rounds of 100 zeroth-order steps: accuracy 0.5825 before,
-  0.5775 at eta 1e-5 and 0.5725 at eta 1e-4, 830-960 s per run), and Ferret reference mode at
-  AdamW 1e-3, 10 steps, server_lr 1 stayed at the majority share (0.555 after 2 rounds, 291 s);
-  with the authors' server_lr 10 (`--methods ferret-reference --eps inf --set
-  method.server_lr=10`, 5 rounds, no noise) it diverged: accuracy 0.445, eval loss 1.18, the
-  clients' median update norm in the (seed, block) space 783. Their rows, and the SmolLM2 / NI
-  rows (`--setting smollm2`), are still to be run.
-* Clipping at the median norm clips 52-66% of the updates (the share grows as the noise
+* **SmolLM2 / NI: 48 clients (one per training task), 6 sampled per round, 3 rounds.** Eval loss on
+  32 held-out test-task examples, 3.124 before training. One epsilon gives every method the same
+  noise multiplier (0.871, 1.88 and 4.09 at epsilon 16, 4 and 1: same sampling rate 6/48, rounds
+  and delta). What differs is the space the noise lands in: FeDeRA's 921,600 adapter entries,
+  Ferret's (seed, block) table of 42,200 entries (pool 200 x 211 blocks) and FedKSeed's 256
+  per-seed sums. Without noise FeDeRA learns most (1.982), then Ferret reference (2.132) and
+  FedKSeed (2.961, zeroth order, 10 steps per client).
+  * **FeDeRA**: 2.941, 7.644 and 15.29 at epsilon 16, 4 and 1. The noise's norm is 139, 301
+    and 655 C. At epsilon 16 it keeps a sixth of its no-noise gain (0.18 of 1.14 nats); at 4
+    and 1 the noise drives the model far above where it started.
+  * **FedKSeed**: 3.117, 3.346 and 4.658. The noise's norm is 2.3, 5.0 and 10.9 C. At epsilon
+    16 it keeps none of its small gain, but at 4 and 1 it ends only 0.22 and 1.53 nats above the
+    untrained model, where FeDeRA ends 4.5 and 12.2 above it: the K-dimensional summed space is
+    where a small federation's noise does least harm.
+  * **Ferret reference mode**: 26.12, 33.72 and 42.48 at epsilon 16, 4 and 1. The noise's norm
+    is 29.8, 64.3 and 140 C, less than FeDeRA's, yet the model is thrown off further. Its
+    coordinates carry the authors' d_l / K_l scale (unbiased, but their norm is about
+    sqrt(d_l / 3 K_l) times the update's own), so the clip
+    norm C (16.4, the median client norm) is set by that inflated norm, and the noise, scaled to
+    C, reaches every one of the 42,200 (seed, block) terms of the reconstruction. (That the
+    inflation is the cause is a reading of these numbers, not a measurement.)
+  * **Central noise costs the seed methods compute.** The noise goes on every seed (a seed left
+    unnoised would show which clients took part), so each sync rebuilds all K directions, not
+    only the at most 60 that the round's steps touched. At K 256 a private FedKSeed run took
+    320-324 s against 250 s without noise. At the default K 4096 a private run had not finished
+    after 7.5 minutes (killed; 241 s for the whole run without noise): a sync is then 4096 x
+    134.5M Gaussian entries, about 330 s at the 1,690 M/s of `benchmarks/randomness.md`. So a
+    private FedKSeed wants a small K, which also shrinks the noise's norm as sqrt(K). Ferret's
+    noise makes all 42,200 table entries non-zero: a rebuild is then 200 bases per block, 26.9G
+    truncated-normal entries, about 11 s at that file's 2,390 M/s, per party per round.
+* **MiniLM / Rotten Tomatoes: a federation of 10 clients per round cannot buy useful privacy for
+  FeDeRA here.** Without noise FeDeRA reaches 0.795 (majority 0.555); at epsilon 16 the
+  calibrated noise multiplier is 0.92, so the noise per coordinate of the mean is 0.092 C, but
+  over the 148,226 summed coordinates (rank-16 adapters and the head) its norm is 35 C against
+  at most C of signal: the accuracy stays at the majority share (0.542, 0.532, 0.470 at epsilon
+  16, 4, 1). The noise norm falls as 1 / m: the same epsilon with about 35x the clients per
+  round (hundreds, at the same sampling rate) would bring it to about C, which is why DP-FedAvg
+  results use thousands of clients.
+* **The seed-based methods do not learn on MiniLM** within a budget this machine can run, even
+  without noise, so their private rows there would measure nothing:
+  * FedKSeed: a pilot with 100 clients, 10 per round, 2 rounds of 100 zeroth-order steps gave
+    accuracy 0.5825 before, 0.5775 at eta 1e-5 and 0.5725 at eta 1e-4, in 830-960 s per run.
+  * Ferret reference mode, three settings, 5 rounds unless said: AdamW 1e-3, 10 steps,
+    server_lr 1 stayed at the majority share (0.555 after 2 rounds, 291 s). With server_lr 10 it
+    diverged (accuracy 0.445, eval loss 1.18, median update norm 783). With AdamW 1e-4 and
+    server_lr 10 (the table's row) it stayed put: 0.545, eval loss 0.6853 from 0.6858.
+  * This is what `benchmarks/demo_trials.md` found for Ferret on MiniLM: the reconstruction
+    error, about sqrt(d/K) times the update, swamps a few steps of a 22M-parameter encoder.
+* Clipping at the median norm clips 50-89% of the updates (the share grows as the noise
   pushes the model away and the updates grow).
 """
 
@@ -94,7 +126,8 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "smollm2": {
         "federa": {"method.name": "federa", "method.rank": 16, "method.alpha": 32},
-        "fedkseed": {"method.name": "fedkseed"},
+        "fedkseed": {"method.name": "fedkseed", "method.mode": "keep", "method.k": 256,
+                     "train.local_steps": 10},
         "ferret-reference": {"method.name": "ferret", "method.mode": "reference"},
     },
 }
@@ -105,26 +138,35 @@ def loadavg() -> str:
 
 
 class NormLog:
-    """Records the norm and size of every update a client clips (``Mechanism.factor``)."""
+    """Records the norm and size of every update a client clips (``Mechanism.factor``) and the
+    number of entries the server's central noise covers (``Mechanism.central_noise``: for
+    Ferret's reference mode the whole (seed, block) table, more than a client's coordinates)."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
         self.sizes: set[int] = set()
-        self._orig = privacy.Mechanism.factor
+        self.noised: set[int] = set()
+        self._orig = privacy.Mechanism.factor, privacy.Mechanism.central_noise
 
     def __enter__(self) -> Self:
-        log, orig = self, self._orig
+        log, (factor_of, noise_of) = self, self._orig
 
         def factor(mech, norm: float, base_norm: float = 0.0, count: int = 0) -> float:
             log.norms.append(float(norm))
             log.sizes.add(int(count))
-            return orig(mech, norm, base_norm, count)
+            return factor_of(mech, norm, base_norm, count)
+
+        def central_noise(mech, round_: int, shapes):
+            shapes = [tuple(s) for s in shapes]
+            log.noised.add(sum(math.prod(s) for s in shapes))
+            return noise_of(mech, round_, shapes)
 
         privacy.Mechanism.factor = factor
+        privacy.Mechanism.central_noise = central_noise
         return self
 
     def __exit__(self, *exc) -> None:
-        privacy.Mechanism.factor = self._orig
+        privacy.Mechanism.factor, privacy.Mechanism.central_noise = self._orig
 
 
 def run_one(setting: str, method: str, eps: float, clip: float, work: Path,
@@ -146,7 +188,7 @@ def run_one(setting: str, method: str, eps: float, clip: float, work: Path,
             "overrides": [f"{k}={v}" for k, v in opts.items()],
             "privacy": summary.get("privacy"), "rows": [{k: r[k] for k in keep if k in r}
                                                           for r in rows],
-            "norms": log.norms, "summed_size": sorted(log.sizes),
+            "norms": log.norms, "summed_size": sorted(log.sizes), "noised_size": sorted(log.noised),
             "clipped": sum(n > clip for n in log.norms) / max(1, len(log.norms)),
             "wall_s": time.perf_counter() - t0, "loadavg_end": loadavg()}
 
@@ -168,18 +210,19 @@ def render(results: dict[str, dict[str, Any]], env: dict[str, Any]) -> str:
              "fixed-size sampling without replacement, replace-one neighbours; the accountant "
              "is dp-accounting's RDP). *noise/mean* is the noise's std per coordinate in the "
              "released mean, `noise_multiplier x C / m`, as a multiple of C; *noise norm / C* "
-             "multiplies it by the square root of the summed space's size: how far the noise "
-             "alone moves the mean, against at most C for the signal."), ""]
+             "multiplies it by the square root of the number of entries the noise covers (the "
+             "space the method sums; for Ferret's reference mode the whole (seed, block) table): "
+             "how far the noise alone moves the mean, against at most C for the signal."), ""]
     for setting, common in SETTINGS.items():
         rs = [r for r in results.values() if r["setting"] == setting]
         if not rs:
             continue
-        over = [o for o in rs[0]["overrides"] if o.split("=")[0] in common]
+        over = [f"{k}={v}" for k, v in common.items()]
         maj = rs[0]["rows"][0].get("accuracy_majority")
         lines += [f"## {setting}", "", "Settings: `" + " ".join(over) + "`"
                   + (f"; majority label's share of the held-out set: {maj:.3f}" if maj else "")
                   + ".", "",
-                  ("| method | target eps | eps reached | noise mult. | C | clipped | summed size"
+                  ("| method | target eps | eps reached | noise mult. | C | clipped | noised entries"
                   " | noise/mean (x C) | noise norm / C | metric by round (0 = before) | final |"
                   " run s | load at end |"),
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -187,7 +230,7 @@ def render(results: dict[str, dict[str, Any]], env: dict[str, Any]) -> str:
         for r in sorted(rs, key=lambda r: (r["method"], -r["target_epsilon"])):
             p = r["privacy"] or {}
             nm, m = p.get("noise_multiplier", 0.0), p.get("clients_per_round", 1)
-            size = max(r["summed_size"]) if r["summed_size"] else 0
+            size = max(r.get("noised_size") or r["summed_size"] or [0])
             clip = "none" if r["clip_norm"] >= NO_CLIP else f"{r['clip_norm']:.4g}"
             per = nm / m
             by_round = ", ".join(fmt(row.get(metric), ".3f") for row in r["rows"])
@@ -197,6 +240,13 @@ def render(results: dict[str, dict[str, Any]], env: dict[str, Any]) -> str:
                 f"{per * math.sqrt(size):.3g} | {by_round} | "
                 f"{fmt(r['rows'][-1].get(metric), '.3f')} | {r['wall_s']:.0f} | "
                 f"{r['loadavg_end'].split()[0]} |")
+        opts = {}
+        for r in sorted(rs, key=lambda r: r["method"]):
+            own = [o for o in r["overrides"] if not o.startswith("privacy.")
+                   and o not in {f"{k}={v}" for k, v in common.items()}]
+            opts.setdefault(r["method"], " ".join(own))
+        lines += ["", "Method options (besides the settings): " + "; ".join(
+            f"{m}: `{o}`" for m, o in opts.items()) + "."]
         lines += ["", f"Metric: held-out {metric}. Median client update norm of the no-noise "
                   "run per method: " + "; ".join(
                       f"{r['method']} {statistics.median(r['norms']):.4g}" for r in rs
