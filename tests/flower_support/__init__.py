@@ -55,9 +55,10 @@ def running_federation(workdir: Path, partitions: list[int], **kw) -> Iterator:
 def until_logged(log: Path, text: str, run_dir: Path, timeout: float = 300.0) -> None:
     """Wait until ``text`` appears in ``log``; fail at once with the ServerApp's error if the
     run in ``run_dir`` failed first, or with the log's end after ``timeout`` seconds."""
+    from fedtune.engines.flower.launch import raise_if_failed
+
     deadline = time.monotonic() + timeout
     while text not in (log.read_text() if log.exists() else ""):
-        error = run_dir / "error.txt"
-        assert not error.is_file(), f"the run failed before {text!r}:\n{error.read_text()}"
+        raise_if_failed(run_dir)
         assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else log
         time.sleep(0.02)

@@ -327,19 +327,24 @@ class KSeedServer(_Half):
         all_idx = (np.concatenate([idx for idx, _ in decoded]) if decoded
                    else np.zeros(0, dtype=np.int64))
         all_g = np.concatenate([g for _, g in decoded]) if decoded else np.zeros(0)
-        self.acc += delta
         released = np.flatnonzero(delta) if self.privacy is not None else all_idx
-        self.changed.append(np.unique(released))
         if self.pro:  # under privacy: the released aggregate, not the clients' scalars
             hist = delta[released] if self.privacy is not None else all_g
             np.add.at(self.hist_sum, released, np.abs(np.clip(hist, -self.cfg.clip,
                                                               self.cfg.clip)))
             np.add.at(self.hist_count, released, 1)
-        self.round += 1
+        self.advance(delta, np.unique(released))
         abs_g = np.abs(all_g)
         return {"steps": float(len(all_idx)), "seeds_touched": float(len(self.changed[-1])),
                 "abs_g_median": float(np.median(abs_g)) if len(abs_g) else 0.0,
                 "abs_g_max": float(abs_g.max()) if len(abs_g) else 0.0}
+
+    def advance(self, delta: np.ndarray, touched: np.ndarray) -> None:
+        """End the round: add the per-seed ``delta`` and record the seeds it ``touched`` (Pro's
+        histories are updated by the caller, from what it saw of the round)."""
+        self.acc += delta
+        self.changed.append(touched)
+        self.round += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "k": self.k, "pool_id": self.pool_id,

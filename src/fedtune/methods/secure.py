@@ -218,9 +218,7 @@ def _apply_kseed(server, summed: Sum) -> dict[str, float]:
         server.hist_count += counts.astype(np.int64)
     else:
         touched = np.flatnonzero(summed.mean)
-    server.acc += summed.mean
-    server.changed.append(touched)
-    server.round += 1
+    server.advance(summed.mean, touched)
     return {"seeds_touched": float(len(touched))}
 
 

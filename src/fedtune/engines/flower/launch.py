@@ -36,6 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raise_if_failed(run_dir: Path) -> None:
+    """Raise with the ServerApp's error if the run writing to ``run_dir`` failed."""
+    if (run_dir / "error.txt").is_file():
+        raise RuntimeError(f"the ServerApp failed:\n{(run_dir / 'error.txt').read_text()}")
+
+
 def _bin(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
@@ -304,8 +310,7 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         last_status = time.monotonic()
         while time.monotonic() < deadline:
-            if (run_dir / "error.txt").is_file():
-                raise RuntimeError(f"the ServerApp failed:\n{(run_dir / 'error.txt').read_text()}")
+            raise_if_failed(run_dir)
             # the ServerApp writes flower.json last, after the summary and the export
             if (run_dir / "summary.json").is_file() and (run_dir / "flower.json").is_file():
                 return [json.loads(x) for x in
